@@ -1,0 +1,634 @@
+"""Gradient compressors for data-parallel SGD, applied before the collective.
+
+Each constructor returns a `Compressor`, an optax-style NamedTuple of pure
+functions::
+
+    c = compress.powersgd(rank=4)        # or topk(ratio=...), none(), ...
+    state = c.init(params)               # per-worker: error memory, warm-start Q, step
+    avg, state, msg = c.reduce(grads, state, axis_name="batch")  # inside pmap/shard_map
+    seen = c.decompress(msg)             # the gradient an observer attributes to this worker
+    wire_cost(c, params)                 # 32-bit words / bytes one worker sends per step
+
+``avg`` is the averaged update every worker applies. ``msg`` is what an
+honest-but-curious aggregator receives from this worker (plus what it can
+compute from all workers' messages, e.g. PowerSGD's orthonormalised P). All
+collectives are written against ``axis_name`` (``psum``/``all_gather``), so the
+same function runs under ``jax.pmap`` and ``jax.shard_map``; ``axis_name=None``
+means a single worker.
+
+Robustness: a gradient with NaN/Inf on *any* worker makes every worker skip
+the step: ``avg`` is zero, the error memory and warm-start state are kept as
+they were (never poisoned), and ``state.nonfinite`` counts the skipped steps,
+so a trainer can stop with a clear error.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+PyTree = Any
+
+# --------------------------------------------------------------------------
+# Messages: what one worker puts on the wire, one object per parameter tensor.
+# Each knows the dense gradient it stands for and its size in bits, so
+# decompression and wire accounting are written once, here.
+# --------------------------------------------------------------------------
+
+
+@struct.dataclass
+class Dense:
+    """The tensor itself, 32 bits per entry."""
+
+    value: jax.Array
+
+    def dense(self):
+        return self.value
+
+    def bits(self) -> int:
+        return 32 * int(np.prod(self.value.shape))
+
+
+@struct.dataclass
+class Sparse:
+    """k values at flat indices of a tensor of `shape`.
+
+    ``indices_on_wire=False`` for Random-K, whose indices every party derives
+    from the shared seed.
+    """
+
+    values: jax.Array  # [k]
+    indices: jax.Array  # [k] int32
+    shape: tuple = struct.field(pytree_node=False)
+    indices_on_wire: bool = struct.field(pytree_node=False, default=True)
+
+    def dense(self):
+        size = int(np.prod(self.shape))
+        return jnp.zeros((size,), self.values.dtype).at[self.indices].set(self.values).reshape(self.shape)
+
+    def bits(self) -> int:
+        k = int(np.prod(self.values.shape))
+        return 32 * k * (2 if self.indices_on_wire else 1)
+
+
+@struct.dataclass
+class LowRank:
+    """PowerSGD factors of the matrix view M (n x m) of a tensor.
+
+    The worker sends ``p = M Q_prev`` (n x r) and ``q = M^T p_hat`` (m x r);
+    ``p_hat`` (orthonormalised sum of all workers' p) is known to everyone.
+    The observer's estimate of this worker's gradient is ``p_hat q^T``.
+    """
+
+    p: jax.Array
+    q: jax.Array
+    p_hat: jax.Array
+    shape: tuple = struct.field(pytree_node=False)
+
+    def dense(self):
+        return _from_matrix(self.p_hat @ self.q.T, self.shape)
+
+    def bits(self) -> int:
+        return 32 * (int(np.prod(self.p.shape)) + int(np.prod(self.q.shape)))
+
+
+@struct.dataclass
+class Quantized:
+    """QSGD: one norm and, per entry, a sign and a level in {0..s}."""
+
+    norm: jax.Array  # []
+    levels: jax.Array  # int32, signed level in [-s, s]
+    num_levels: int = struct.field(pytree_node=False)
+
+    def dense(self):
+        return self.norm * self.levels.astype(jnp.float32) / self.num_levels
+
+    def bits(self) -> int:
+        per_entry = 1 + math.ceil(math.log2(self.num_levels + 1))
+        return 32 + per_entry * int(np.prod(self.levels.shape))
+
+
+@struct.dataclass
+class Signs:
+    """Scaled sign (EF-SignSGD): one scale and one bit per entry."""
+
+    scale: jax.Array  # []
+    signs: jax.Array  # int8 in {-1, +1}
+
+    def dense(self):
+        return self.scale * self.signs.astype(jnp.float32)
+
+    def bits(self) -> int:
+        return 32 + int(np.prod(self.signs.shape))
+
+
+MESSAGE_TYPES = (Dense, Sparse, LowRank, Quantized, Signs)
+
+
+def _is_message(x) -> bool:
+    return isinstance(x, MESSAGE_TYPES)
+
+
+def decompress(msg: PyTree) -> PyTree:
+    """The gradient-shaped pytree an observer reconstructs from one worker's message."""
+    return jax.tree.map(lambda m: m.dense(), msg, is_leaf=_is_message)
+
+
+class WireCost(NamedTuple):
+    words: int  # 32-bit words, each tensor's message rounded up to whole words
+    bytes: int
+
+
+def message_cost(msg: PyTree) -> WireCost:
+    """Words and bytes of a message (shapes only: works on abstract messages too)."""
+    words = sum(-(-m.bits() // 32) for m in jax.tree.leaves(msg, is_leaf=_is_message))
+    return WireCost(words=words, bytes=4 * words)
+
+
+# --------------------------------------------------------------------------
+# Compressor container and shared state.
+# --------------------------------------------------------------------------
+
+
+@struct.dataclass
+class CompressorState:
+    step: jax.Array  # int32, steps taken (drives warm start / shared randomness)
+    nonfinite: jax.Array  # int32, steps skipped because a gradient was NaN/Inf
+    memory: PyTree  # error-feedback memory (params-shaped) or None
+    extra: PyTree  # compressor-specific (PowerSGD: warm-start Q per tensor) or None
+    treedef: Any = struct.field(pytree_node=False)
+    shapes: tuple = struct.field(pytree_node=False)
+
+
+class Compressor(NamedTuple):
+    name: str
+    init: Callable[[PyTree], CompressorState]
+    reduce: Callable[..., tuple[PyTree, CompressorState, PyTree]]
+    decompress: Callable[[PyTree], PyTree]
+
+
+def _new_state(params, memory: bool, extra=None) -> CompressorState:
+    leaves, treedef = jax.tree.flatten(params)
+    return CompressorState(
+        step=jnp.zeros((), jnp.int32),
+        nonfinite=jnp.zeros((), jnp.int32),
+        memory=jax.tree.map(jnp.zeros_like, params) if memory else None,
+        extra=extra,
+        treedef=treedef,
+        shapes=tuple(tuple(np.shape(x)) for x in leaves),
+    )
+
+
+def _check_matches(grads, state: CompressorState, name: str) -> None:
+    if not isinstance(state, CompressorState):
+        raise TypeError(f"{name}: state must come from the compressor's init(params), got {type(state).__name__}.")
+    leaves, treedef = jax.tree.flatten(grads)
+    shapes = tuple(tuple(np.shape(x)) for x in leaves)
+    if treedef != state.treedef or shapes != state.shapes:
+        raise ValueError(
+            f"{name}: the gradient tree does not match the tree the state was built for "
+            f"(init(params) with another model?). gradient: {treedef} {shapes[:4]}...; "
+            f"state: {state.treedef} {state.shapes[:4]}... Call init() on the params you train."
+        )
+
+
+# Collectives. axis_name=None means one worker, so library users and tests can
+# call reduce outside pmap.
+def _psum(x, axis_name):
+    return x if axis_name is None else jax.lax.psum(x, axis_name)
+
+
+def _num_workers(axis_name) -> int:
+    return 1 if axis_name is None else jax.lax.psum(1, axis_name)
+
+
+def _all_gather(x, axis_name):
+    return x[None] if axis_name is None else jax.lax.all_gather(x, axis_name)
+
+
+def _worker_index(axis_name):
+    return 0 if axis_name is None else jax.lax.axis_index(axis_name)
+
+
+def _psum_many(arrays: list, axis_name) -> list:
+    """One all-reduce for a list of arrays (concatenated), as DDP's buckets do."""
+    if not arrays:
+        return []
+    flat = _psum(jnp.concatenate([a.reshape(-1) for a in arrays]), axis_name)
+    out, offset = [], 0
+    for a in arrays:
+        out.append(flat[offset:offset + a.size].reshape(a.shape))
+        offset += a.size
+    return out
+
+
+def _guarded(name: str, core: Callable) -> Callable:
+    """Wraps a compressor's core step with tree checks and the NaN/Inf guard."""
+
+    def reduce(grads, state: CompressorState, axis_name: str | None = None):
+        _check_matches(grads, state, name)
+        local_ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+        all_ok = _psum(jnp.logical_not(local_ok).astype(jnp.int32), axis_name) == 0
+        # Zeros in place of bad values keep the (discarded) arithmetic finite.
+        safe = jax.tree.map(lambda g: jnp.where(all_ok, g, jnp.zeros_like(g)), grads)
+        avg, new_state, msg = core(safe, state, axis_name)
+        keep = lambda new, old: jnp.where(all_ok, new, old)
+        new_state = new_state.replace(
+            memory=jax.tree.map(keep, new_state.memory, state.memory),
+            extra=jax.tree.map(keep, new_state.extra, state.extra),
+            step=state.step + all_ok.astype(jnp.int32),
+            nonfinite=state.nonfinite + (1 - all_ok.astype(jnp.int32)),
+        )
+        avg = jax.tree.map(lambda a: jnp.where(all_ok, a, jnp.zeros_like(a)), avg)
+        return avg, new_state, msg
+
+    return reduce
+
+
+def _with_memory(grads, state):
+    if state.memory is None:
+        return jax.tree.leaves(grads)
+    return [g + m for g, m in zip(jax.tree.leaves(grads), jax.tree.leaves(state.memory))]
+
+
+# --------------------------------------------------------------------------
+# No compression.
+# --------------------------------------------------------------------------
+
+
+def none() -> Compressor:
+    """Plain data-parallel SGD: the mean of the workers' gradients (one ``psum``)."""
+
+    def core(grads, state, axis_name):
+        leaves, treedef = jax.tree.flatten(grads)
+        n = _num_workers(axis_name)
+        avg = [s / n for s in _psum_many(leaves, axis_name)]
+        msg = [Dense(g) for g in leaves]
+        return treedef.unflatten(avg), state, treedef.unflatten(msg)
+
+    return Compressor("none", lambda p: _new_state(p, memory=False), _guarded("none", core), decompress)
+
+
+# --------------------------------------------------------------------------
+# Sparsification: Top-K and Random-K.
+# --------------------------------------------------------------------------
+
+
+def _k_tree(name, ratio, k, shapes):
+    if (ratio is None) == (k is None):
+        raise ValueError(f"{name}: give exactly one of ratio= or k=.")
+    sizes = [int(np.prod(s)) for s in shapes]
+    if ratio is not None:
+        if not (isinstance(ratio, (int, float)) and 0 < ratio <= 1):
+            raise ValueError(f"{name}: ratio must be in (0, 1], got {ratio!r}.")
+        return [min(n, max(1, math.ceil(ratio * n - 1e-9))) for n in sizes]
+    ks = list(k) if isinstance(k, (list, tuple)) else [k] * len(sizes)
+    if len(ks) != len(sizes):
+        raise ValueError(f"{name}: k has {len(ks)} entries for {len(sizes)} tensors.")
+    for kk, n in zip(ks, sizes):
+        if not isinstance(kk, (int, np.integer)) or kk < 1:
+            raise ValueError(f"{name}: k must be a positive integer per tensor, got {kk!r}.")
+    return [min(int(kk), n) for kk, n in zip(ks, sizes)]
+
+
+def _check_ratio_arg(name, ratio, k):
+    if ratio is not None and not (isinstance(ratio, (int, float)) and 0 < ratio <= 1):
+        raise ValueError(f"{name}: ratio must be in (0, 1], got {ratio!r}.")
+    if ratio is None and k is None:
+        raise ValueError(f"{name}: give ratio= (fraction of entries per tensor) or k=.")
+
+
+def _sparse_core(name, ratio, k, select):
+    """Shared body of Top-K and Random-K; `select(p_flat, k, leaf_idx, state, axis_name)` -> indices."""
+
+    def core(grads, state, axis_name):
+        leaves, treedef = jax.tree.flatten(grads)
+        ks = _k_tree(name, ratio, k, state.shapes)
+        ps = _with_memory(grads, state)
+        values, indices, memory = [], [], []
+        for i, (p, kk) in enumerate(zip(ps, ks)):
+            flat = p.reshape(-1)
+            idx = select(flat, kk, i, state, axis_name).astype(jnp.int32)
+            values.append(flat[idx])
+            indices.append(idx)
+            # Exactly what was not sent: sent + memory == gradient + old memory.
+            memory.append(flat.at[idx].set(0).reshape(p.shape))
+        # Top-K is not closed under summation: gather every worker's values
+        # and indices (one collective each), then scatter-add and average.
+        all_vals = _all_gather(jnp.concatenate(values), axis_name)
+        all_idx = _all_gather(jnp.concatenate(indices), axis_name)
+        n = all_vals.shape[0]
+        avg, offset = [], 0
+        for p, kk in zip(ps, ks):
+            v, ix = all_vals[:, offset:offset + kk].reshape(-1), all_idx[:, offset:offset + kk].reshape(-1)
+            avg.append((jnp.zeros((p.size,), p.dtype).at[ix].add(v) / n).reshape(p.shape))
+            offset += kk
+        sent_indices = name.startswith("topk")
+        msg = [Sparse(v, ix, tuple(p.shape), sent_indices) for v, ix, p in zip(values, indices, ps)]
+        new_state = state.replace(memory=treedef.unflatten(memory) if state.memory is not None else None)
+        return treedef.unflatten(avg), new_state, treedef.unflatten(msg)
+
+    return core
+
+
+def topk(ratio: float | None = None, k: int | list[int] | None = None, error_feedback: bool = True) -> Compressor:
+    """Top-K sparsification with error feedback (Stich et al. 2018; Alistarh et al. 2018).
+
+    Per tensor: p = g + e; send the k entries of largest |p| as (value, int32
+    index) pairs (2k words); e <- p with those entries zeroed. Aggregation
+    all-gathers values and indices, scatter-adds and divides by the number of
+    workers. ``ratio`` gives k = ceil(ratio * size) per tensor (at least 1);
+    ``k`` is an int for every tensor or a list, one per tensor in tree order.
+    """
+    _check_ratio_arg("topk", ratio, k)
+
+    def select(flat, kk, i, state, axis_name):
+        return jax.lax.top_k(jnp.abs(flat), kk)[1]
+
+    name = f"topk:{ratio}" if ratio is not None else "topk"
+    return Compressor(name, lambda p: _new_state(p, memory=error_feedback),
+                      _guarded(name, _sparse_core("topk", ratio, k, select)), decompress)
+
+
+def randomk(ratio: float | None = None, k: int | list[int] | None = None, error_feedback: bool = True,
+            seed: int = 0) -> Compressor:
+    """Random-K sparsification with error feedback (Stich et al. 2018).
+
+    All workers draw the same k coordinates per tensor from (seed, step,
+    tensor), so only the k values travel (k words); aggregation is a psum.
+    """
+    _check_ratio_arg("randomk", ratio, k)
+
+    def select(flat, kk, i, state, axis_name):
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), state.step), i)
+        return jax.lax.top_k(jax.random.uniform(key, flat.shape), kk)[1]
+
+    name = f"randomk:{ratio}" if ratio is not None else "randomk"
+    return Compressor(name, lambda p: _new_state(p, memory=error_feedback),
+                      _guarded(name, _sparse_core("randomk", ratio, k, select)), decompress)
+
+
+# --------------------------------------------------------------------------
+# Quantisation: QSGD and EF-SignSGD.
+# --------------------------------------------------------------------------
+
+
+def _elementwise_compressor(name, error_feedback, encode):
+    """Compressors whose messages decode independently per worker and sum (psum of decoded values)."""
+
+    def core(grads, state, axis_name):
+        leaves, treedef = jax.tree.flatten(grads)
+        ps = _with_memory(grads, state)
+        msgs = [encode(p, i, state, axis_name) for i, p in enumerate(ps)]
+        decoded = [m.dense() for m in msgs]
+        n = _num_workers(axis_name)
+        avg = [s / n for s in _psum_many(decoded, axis_name)]
+        memory = [p - d for p, d in zip(ps, decoded)]
+        new_state = state.replace(memory=treedef.unflatten(memory) if state.memory is not None else None)
+        return treedef.unflatten(avg), new_state, treedef.unflatten(msgs)
+
+    return Compressor(name, lambda p: _new_state(p, memory=error_feedback), _guarded(name, core), decompress)
+
+
+def qsgd(levels: int = 16, error_feedback: bool = True, seed: int = 0) -> Compressor:
+    """QSGD (Alistarh et al. 2017): stochastic rounding of |p|/||p||_2 to `levels` levels.
+
+    Per tensor: send ||p||_2 (32 bits) and per entry sign + level
+    (1 + ceil(log2(levels+1)) bits); unbiased. Each worker rounds with its
+    own randomness (seed, step, worker, tensor).
+    """
+    if not isinstance(levels, (int, np.integer)) or levels < 1:
+        raise ValueError(f"qsgd: levels must be a positive integer, got {levels!r}.")
+
+    def encode(p, i, state, axis_name):
+        key = jax.random.fold_in(jax.random.key(seed), state.step)
+        key = jax.random.fold_in(jax.random.fold_in(key, _worker_index(axis_name)), i)
+        norm = jnp.linalg.norm(p.reshape(-1))
+        scaled = jnp.abs(p) / jnp.where(norm > 0, norm, 1.0) * levels
+        level = jnp.floor(scaled + jax.random.uniform(key, p.shape))
+        return Quantized(norm, (jnp.sign(p) * level).astype(jnp.int32), int(levels))
+
+    return _elementwise_compressor(f"qsgd:{levels}", error_feedback, encode)
+
+
+def signsgd(error_feedback: bool = True) -> Compressor:
+    """Scaled sign compression with error feedback (EF-SignSGD, Karimireddy et al. 2019).
+
+    Per tensor: delta = (||p||_1 / d) sign(p), one 32-bit scale plus d bits.
+    """
+
+    def encode(p, i, state, axis_name):
+        scale = jnp.mean(jnp.abs(p))
+        return Signs(scale, jnp.where(p >= 0, 1, -1).astype(jnp.int8))
+
+    return _elementwise_compressor("signsgd", error_feedback, encode)
+
+
+# --------------------------------------------------------------------------
+# PowerSGD.
+# --------------------------------------------------------------------------
+
+
+def matrix_shape(shape) -> tuple[int, int]:
+    """The (n, m) matrix PowerSGD compresses a tensor as.
+
+    PyTorch's hook views a tensor as (shape[0], -1) with its (out, in, kh, kw)
+    layout. Flax kernels put the output axis last ((kh, kw, in, out)), so the
+    same matrix is (out, kh*kw*in): output features first.
+    """
+    shape = tuple(shape)
+    return shape[-1], int(np.prod(shape[:-1]))
+
+
+def _to_matrix(x):
+    return jnp.moveaxis(x, -1, 0).reshape(x.shape[-1], -1)
+
+
+def _from_matrix(m, shape):
+    return jnp.moveaxis(m.reshape((shape[-1], *shape[:-1])), 0, -1)
+
+
+def powersgd_plan(shapes, rank: int, min_compression_rate: float = 2) -> list[int]:
+    """Per tensor, the rank it is compressed with, or 0 where it is sent in full.
+
+    As PyTorch's ``powerSGD_hook``: tensors of ndim <= 1 are sent in full; the
+    rank is min(rank, n, m); a matrix is compressed only where
+    (n + m) * r * min_compression_rate < n * m.
+    """
+    plan = []
+    for s in shapes:
+        if len(s) <= 1:
+            plan.append(0)
+            continue
+        n, m = matrix_shape(s)
+        r = min(rank, n, m)
+        plan.append(r if (n + m) * r * min_compression_rate < n * m else 0)
+    return plan
+
+
+def powersgd(rank: int = 4, error_feedback: bool = True, warm_start: bool = True,
+             min_compression_rate: float = 2, seed: int = 0) -> Compressor:
+    """PowerSGD (Vogels, Karimireddy, Jaggi, NeurIPS 2019, Algorithm 1), PyTorch-hook semantics.
+
+    Per tensor with matrix view M_w (n x m) on worker w (`matrix_shape`), with
+    error feedback M_w <- M_w + e_w, and Q (m x r) shared by all workers::
+
+        P_w = M_w Q;            P = sum_w P_w           (all-reduce)
+        P_hat = orthonormalise(P)                       (QR)
+        Q_w = M_w^T P_hat;      Q = (1/W) sum_w Q_w     (all-reduce)
+        update = P_hat Q^T;     e_w = M_w - P_hat Q^T;  Q kept for the warm start
+
+    Tensors that `powersgd_plan` leaves uncompressed are averaged in full and,
+    as in PyTorch's hook, their error memory is the local value minus the
+    average (zero on average over workers). The first Q (and every Q when
+    ``warm_start=False``) is drawn from ``seed`` (and the step), identical on
+    all workers. Message per compressed tensor: P_w and Q_w, (n + m) r words.
+    """
+    if not isinstance(rank, (int, np.integer)) or rank < 1:
+        raise ValueError(f"powersgd: rank must be an integer >= 1, got {rank!r}.")
+    if min_compression_rate <= 0:
+        raise ValueError(f"powersgd: min_compression_rate must be > 0, got {min_compression_rate!r}.")
+
+    def initial_q(shape, r, i, step):
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), i), step)
+        q = jax.random.normal(key, (matrix_shape(shape)[1], r), jnp.float32)
+        return jnp.linalg.qr(q)[0]
+
+    def init(params):
+        shapes = [np.shape(x) for x in jax.tree.leaves(params)]
+        plan = powersgd_plan(shapes, rank, min_compression_rate)
+        qs = [initial_q(s, r, i, 0) if r else None for i, (s, r) in enumerate(zip(shapes, plan))]
+        return _new_state(params, memory=error_feedback, extra=qs)
+
+    def core(grads, state, axis_name):
+        leaves, treedef = jax.tree.flatten(grads)
+        plan = powersgd_plan(state.shapes, rank, min_compression_rate)
+        n_workers = _num_workers(axis_name)
+        ms = _with_memory(grads, state)
+        comp = [i for i, r in enumerate(plan) if r]
+        full = [i for i, r in enumerate(plan) if not r]
+        if warm_start:
+            qs = {i: state.extra[i] for i in comp}
+        else:
+            qs = {i: initial_q(state.shapes[i], plan[i], i, state.step) for i in comp}
+        mats = {i: _to_matrix(ms[i]) for i in comp}
+        p_local = {i: mats[i] @ qs[i] for i in comp}
+        p_sum = dict(zip(comp, _psum_many([p_local[i] for i in comp], axis_name)))
+        p_hat = {i: jnp.linalg.qr(p_sum[i])[0] for i in comp}
+        q_local = {i: mats[i].T @ p_hat[i] for i in comp}
+        q_avg = {i: s / n_workers for i, s in zip(comp, _psum_many([q_local[i] for i in comp], axis_name))}
+        full_avg = dict(zip(full, [s / n_workers for s in _psum_many([ms[i] for i in full], axis_name)]))
+
+        avg, msg, memory, extra = [], [], [], []
+        for i, m in enumerate(ms):
+            if plan[i]:
+                approx = _from_matrix(p_hat[i] @ q_avg[i].T, m.shape)
+                msg.append(LowRank(p_local[i], q_local[i], p_hat[i], tuple(m.shape)))
+                extra.append(q_avg[i] if warm_start else state.extra[i])
+            else:
+                approx = full_avg[i]
+                msg.append(Dense(m))
+                extra.append(None)
+            avg.append(approx)
+            memory.append(m - approx)
+        new_state = state.replace(memory=treedef.unflatten(memory) if state.memory is not None else None,
+                                  extra=extra)
+        return treedef.unflatten(avg), new_state, treedef.unflatten(msg)
+
+    name = f"powersgd:{rank}"
+    return Compressor(name, init, _guarded(name, core), decompress)
+
+
+# --------------------------------------------------------------------------
+# The paper's "Top-K SGD level r", specs and accounting.
+# --------------------------------------------------------------------------
+
+
+def powersgd_words(shapes, rank: int, min_compression_rate: float = 2) -> list[int]:
+    """Analytic 32-bit words per tensor of a PowerSGD rank-`rank` message."""
+    out = []
+    for s, r in zip(shapes, powersgd_plan(shapes, rank, min_compression_rate)):
+        n, m = matrix_shape(s) if len(s) > 1 else (int(np.prod(s)), 1)
+        out.append((n + m) * r if r else int(np.prod(s)))
+    return out
+
+
+def topk_level_k(shapes, rank: int, min_compression_rate: float = 2) -> list[int]:
+    """k per tensor for the paper's "Top-K SGD level r".
+
+    Rule: the Top-K message (value + int32 index = 2 words per entry) has the
+    same total number of words as PowerSGD rank r on the same model, i.e.
+    K = floor(W_r / 2) entries with W_r = sum of `powersgd_words`. K is spread
+    over tensors in proportion to their size (one common ratio K / D, floors,
+    then the remainder one entry at a time to the largest tensors with room),
+    at least 1 and at most the tensor's size each. The totals match exactly
+    unless W_r is odd (one word less) or W_r >= 2D (then every entry is sent).
+    """
+    sizes = np.array([int(np.prod(s)) for s in shapes], np.int64)
+    total_k = min(sum(powersgd_words(shapes, rank, min_compression_rate)) // 2, int(sizes.sum()))
+    ks = np.clip(np.floor(sizes * total_k / sizes.sum()).astype(np.int64), 1, sizes)
+    for i in np.argsort(-sizes, kind="stable"):
+        if ks.sum() >= total_k:
+            break
+        ks[i] += min(sizes[i] - ks[i], total_k - ks.sum())
+    return [int(k) for k in ks]
+
+
+def topk_level(params: PyTree, rank: int, error_feedback: bool = True, min_compression_rate: float = 2) -> Compressor:
+    """Top-K whose message is as large as PowerSGD rank `rank`'s on `params` (see `topk_level_k`)."""
+    if not isinstance(rank, (int, np.integer)) or rank < 1:
+        raise ValueError(f"topk_level: rank must be an integer >= 1, got {rank!r}.")
+    shapes = [np.shape(x) for x in jax.tree.leaves(params)]
+    c = topk(k=topk_level_k(shapes, rank, min_compression_rate), error_feedback=error_feedback)
+    return c._replace(name=f"topk_level:{rank}")
+
+
+SPEC_HELP = ("none | powersgd:RANK | topk:RATIO | topk_level:RANK | randomk:RATIO | qsgd:LEVELS | signsgd "
+             "(e.g. 'powersgd:4', 'topk:0.01', 'topk_level:4')")
+
+
+def from_spec(spec: str, params: PyTree | None = None, seed: int = 0) -> Compressor:
+    """Builds a compressor from a spec string such as ``powersgd:4`` (see ``SPEC_HELP``)."""
+    m = re.fullmatch(r"\s*([a-z_]+)\s*(?::\s*([0-9.eE+-]+))?\s*", spec or "")
+    if not m:
+        raise ValueError(f"cannot parse compressor spec {spec!r}; expected {SPEC_HELP}.")
+    kind, arg = m.group(1), m.group(2)
+
+    def number(cast):
+        if arg is None:
+            raise ValueError(f"compressor spec {spec!r} needs an argument; expected {SPEC_HELP}.")
+        try:
+            return cast(arg)
+        except ValueError:
+            raise ValueError(f"bad argument {arg!r} in compressor spec {spec!r}; expected {SPEC_HELP}.") from None
+
+    if kind in ("none", "sgd") and arg is None:
+        return none()
+    if kind == "signsgd" and arg is None:
+        return signsgd()
+    if kind == "powersgd":
+        return powersgd(rank=number(int), seed=seed)
+    if kind == "topk":
+        return topk(ratio=number(float))
+    if kind == "randomk":
+        return randomk(ratio=number(float), seed=seed)
+    if kind == "qsgd":
+        return qsgd(levels=number(int), seed=seed)
+    if kind == "topk_level":
+        if params is None:
+            raise ValueError("topk_level needs the model's params to size k: from_spec(spec, params).")
+        return topk_level(params, rank=number(int))
+    raise ValueError(f"unknown compressor spec {spec!r}; expected {SPEC_HELP}.")
+
+
+def wire_cost(c: Compressor, params: PyTree) -> WireCost:
+    """Words/bytes one worker puts on the wire per step with `c` on `params` (from message shapes)."""
+    state = c.init(params)
+    msg = jax.eval_shape(lambda g, s: c.reduce(g, s, None)[2], params, state)
+    return message_cost(msg)

@@ -1,0 +1,211 @@
+"""Real image datasets of the study (MNIST, CIFAR-10, CIFAR-100) as uint8 arrays.
+
+Three sources, in the order `source="auto"` tries them:
+
+1. a directory of ``.npz`` files in the format of ``../shared/data`` (flag
+   ``--data_dir`` or env ``TRUSTSGD_DATA_DIR``): ``x_train, y_train, x_test,
+   y_test``, uint8, NHWC (MNIST without channel axis);
+2. the real, class-stratified sample bundled in ``trustsgd_jax/sample_data``
+   (always there; see its README for provenance).
+
+``source="tfds"`` reads the full datasets through tensorflow-datasets'
+``tfds.data_source`` (random access over a *prepared* ``data_dir``, needs
+``array_record`` but not TensorFlow). Downloading is never attempted at run
+time: prepare the dataset once where a network exists (``tfds build mnist``)
+and point ``tfds_data_dir`` (or ``TFDS_DATA_DIR``) at it.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import zipfile
+from typing import NamedTuple
+
+import numpy as np
+
+DATASETS = ("mnist", "cifar10", "cifar100")
+NUM_CLASSES = {"mnist": 10, "cifar10": 10, "cifar100": 100}
+# Channel statistics of the full training sets, the constants the gradient
+# inversion literature (Geiping et al. 2020) normalises with.
+MEAN = {
+    "mnist": (0.1307,),
+    "cifar10": (0.4914672374725342, 0.4822617471218109, 0.4467701315879822),
+    "cifar100": (0.5071598291397095, 0.4866936206817627, 0.44120192527770996),
+}
+STD = {
+    "mnist": (0.3081,),
+    "cifar10": (0.24703224003314972, 0.24348513782024384, 0.26158785820007324),
+    "cifar100": (0.2673342823982239, 0.2564384639263153, 0.2761504650115967),
+}
+SAMPLE_DIR = pathlib.Path(__file__).parent / "sample_data"
+DATA_DIR_ENV = "TRUSTSGD_DATA_DIR"
+SOURCES = ("auto", "npz", "sample", "tfds")
+
+
+class DataError(ValueError):
+    """No source could provide the requested dataset; the message says why and how to fix it."""
+
+
+class Dataset(NamedTuple):
+    name: str
+    x_train: np.ndarray  # uint8 [N, H, W, C]
+    y_train: np.ndarray  # int32 [N]
+    x_test: np.ndarray
+    y_test: np.ndarray
+    source: str  # where the arrays came from, for provenance in result files
+
+    @property
+    def num_classes(self) -> int:
+        return NUM_CLASSES[self.name]
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.x_train.shape[1:])
+
+
+def _how_to_fix(name: str) -> str:
+    return (
+        f"Supply data in one of these ways: pass --data_dir (or set ${DATA_DIR_ENV}) to a "
+        f"directory holding '{name}.npz' with x_train/y_train/x_test/y_test uint8 arrays "
+        "(the format of ../shared/data); use the bundled sample (source='sample'); or "
+        f"prepare the full dataset once with network access (`tfds build {name}`) and use "
+        "source='tfds' with tfds_data_dir pointing at it."
+    )
+
+
+def _check_name(name: str) -> None:
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}.")
+
+
+def _as_nhwc(x: np.ndarray) -> np.ndarray:
+    return x[..., None] if x.ndim == 3 else x
+
+
+def _validate(name: str, arrays: dict, where: str) -> Dataset:
+    out = {}
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        x = _as_nhwc(np.asarray(x))
+        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] not in (1, 3):
+            raise DataError(
+                f"{where}: x_{split} must be uint8 images [N,H,W(,C)], got {x.dtype} {x.shape}. "
+                + _how_to_fix(name)
+            )
+        y = np.asarray(y).astype(np.int32).reshape(-1)
+        if len(y) != len(x):
+            raise DataError(f"{where}: {len(x)} images but {len(y)} labels in split {split!r}.")
+        if len(y) and (y.min() < 0 or y.max() >= NUM_CLASSES[name]):
+            raise DataError(
+                f"{where}: labels of split {split!r} outside [0, {NUM_CLASSES[name]}) for {name}."
+            )
+        out[f"x_{split}"], out[f"y_{split}"] = x, y
+    return Dataset(name=name, source=where, **out)
+
+
+def _load_npz(name: str, path: pathlib.Path) -> Dataset:
+    try:
+        # allow_pickle stays False: a data file must never execute code.
+        with np.load(path, allow_pickle=False) as f:
+            missing = {"x_train", "y_train", "x_test", "y_test"} - set(f.files)
+            if missing:
+                raise DataError(f"{path} lacks arrays {sorted(missing)}. " + _how_to_fix(name))
+            arrays = {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+    except DataError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise DataError(f"{path} is not a readable .npz file ({e}). " + _how_to_fix(name)) from e
+    return _validate(name, arrays, str(path))
+
+
+def _load_tfds(name: str, tfds_data_dir: str | None) -> Dataset:
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as e:
+        raise DataError(
+            "source='tfds' needs `pip install tensorflow-datasets array-record` "
+            f"({e}). " + _how_to_fix(name)
+        ) from e
+    data_dir = tfds_data_dir or os.environ.get("TFDS_DATA_DIR")
+    arrays = {}
+    for split in ("train", "test"):
+        try:
+            src = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+        except Exception as e:  # tfds raises several types for "not prepared"
+            raise DataError(
+                f"tfds could not open a prepared {name!r} (split {split!r}) in data_dir="
+                f"{data_dir or 'the default ~/tensorflow_datasets'} without downloading: {e}. "
+                + _how_to_fix(name)
+            ) from e
+        examples = src[list(range(len(src)))] if len(src) else []
+        arrays[f"x_{split}"] = np.stack([np.asarray(ex["image"]) for ex in examples])
+        arrays[f"y_{split}"] = np.asarray([ex["label"] for ex in examples])
+    return _validate(name, arrays, f"tfds:{name}@{data_dir or 'default'}")
+
+
+def load(
+    name: str,
+    source: str = "auto",
+    data_dir: str | os.PathLike | None = None,
+    tfds_data_dir: str | None = None,
+) -> Dataset:
+    """Loads `name` as uint8 NHWC arrays with int32 labels.
+
+    Args:
+      name: one of ``DATASETS``.
+      source: ``auto`` (npz directory if one is given or set in the environment,
+        else the bundled sample), ``npz``, ``sample`` or ``tfds``.
+      data_dir: directory of ``{name}.npz`` files; defaults to ``$TRUSTSGD_DATA_DIR``.
+      tfds_data_dir: a prepared TFDS data directory, for ``source='tfds'``.
+    """
+    _check_name(name)
+    if source not in SOURCES:
+        raise DataError(f"unknown data source {source!r}; use one of {', '.join(SOURCES)}.")
+    if source == "tfds":
+        return _load_tfds(name, tfds_data_dir)
+    data_dir = data_dir or os.environ.get(DATA_DIR_ENV) or None
+    tried = []
+    if source in ("auto", "npz"):
+        if data_dir:
+            path = pathlib.Path(data_dir) / f"{name}.npz"
+            if path.is_file():
+                return _load_npz(name, path)
+            tried.append(f"{path} (no such file)")
+        else:
+            tried.append(f"npz directory (none given: --data_dir / ${DATA_DIR_ENV} unset)")
+        if source == "npz":
+            raise DataError(f"no data for {name!r}; tried: {'; '.join(tried)}. " + _how_to_fix(name))
+    path = SAMPLE_DIR / f"{name}.npz"
+    if not path.is_file():
+        tried.append(f"bundled sample {path} (missing: broken install?)")
+        raise DataError(f"no data for {name!r}; tried: {'; '.join(tried)}. " + _how_to_fix(name))
+    ds = _load_npz(name, path)
+    return ds._replace(source=f"sample:{path.name}")
+
+
+def normalize(x_uint8: np.ndarray, name: str) -> np.ndarray:
+    """uint8 images -> float32 (x/255 - mean) / std, NHWC."""
+    x = _as_nhwc(np.asarray(x_uint8)).astype(np.float32) / 255.0
+    return (x - np.asarray(MEAN[name], np.float32)) / np.asarray(STD[name], np.float32)
+
+
+def denormalize(x, name: str):
+    """Inverse of `normalize`, back to [0, 1] floats (works on numpy and jax arrays)."""
+    return x * np.asarray(STD[name], np.float32) + np.asarray(MEAN[name], np.float32)
+
+
+def pixel_bounds(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel [lo, hi] of valid normalised pixels (images of [0, 1] mapped by `normalize`)."""
+    mean, std = np.asarray(MEAN[name], np.float32), np.asarray(STD[name], np.float32)
+    return (0.0 - mean) / std, (1.0 - mean) / std
+
+
+def batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, epoch: int):
+    """Yields shuffled full batches of one epoch; the order depends only on (seed, epoch)."""
+    if batch_size < 1 or batch_size > len(x):
+        raise ValueError(f"batch_size {batch_size} must be in [1, {len(x)}] (the number of images).")
+    perm = np.random.default_rng([seed, epoch]).permutation(len(x))
+    for i in range(len(x) // batch_size):
+        idx = perm[i * batch_size:(i + 1) * batch_size]
+        yield x[idx], y[idx]

@@ -1,0 +1,129 @@
+"""Flax models of the study: ResNet-18 (CIFAR form) and a small ConvNet for CPU runs.
+
+Normalisation is a choice because it changes what crosses the wire:
+
+* ``batch``: BatchNorm synchronised over the data-parallel axis (``axis_name``),
+  as in the paper's DDP setting. Every forward pass in training all-reduces
+  each layer's batch mean and mean of squares: a second, *uncompressed*
+  channel between workers. The local statistics each worker contributes are
+  sown into the ``wire`` collection, so the train step can count them in the
+  wire accounting and hand them to the attacker.
+* ``batch_local``: BatchNorm on each worker's shard only (no communication).
+* ``group``: GroupNorm (no batch statistics at all).
+* ``none``: no normalisation.
+
+In eval mode (``train=False``) BatchNorm uses its running averages, which is
+how attacks apply the model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+NORMS = ("batch", "batch_local", "group", "none")
+
+
+class Norm(nn.Module):
+    kind: str = "batch"
+    axis_name: str | None = None  # only used by kind == "batch"
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        if self.kind in ("batch", "batch_local"):
+            sync = self.kind == "batch" and self.axis_name is not None
+            if train and sync:
+                # What this worker contributes to the BN all-reduce (flax pmeans
+                # the mean and the mean of squares): sown so it is visible.
+                axes = tuple(range(x.ndim - 1))
+                self.sow("wire", "bn_mean", jnp.mean(x, axes))
+                self.sow("wire", "bn_mean_sq", jnp.mean(jnp.square(x), axes))
+            return nn.BatchNorm(
+                use_running_average=not train,
+                momentum=0.9,
+                epsilon=1e-5,
+                axis_name=self.axis_name if sync else None,
+            )(x)
+        if self.kind == "group":
+            return nn.GroupNorm(num_groups=min(32, x.shape[-1]))(x)
+        if self.kind == "none":
+            return x
+        raise ValueError(f"unknown norm {self.kind!r}; use one of {NORMS}.")
+
+
+class ConvNet(nn.Module):
+    """Three 3x3 convolutions (the last two strided) and a linear head: ~0.1M parameters at width 32."""
+
+    num_classes: int = 10
+    width: int = 32
+    norm: str = "batch"
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        for i, (features, stride) in enumerate(((self.width, 1), (2 * self.width, 2), (2 * self.width, 2))):
+            x = nn.Conv(features, (3, 3), strides=stride, padding=1, use_bias=self.norm == "none")(x)
+            x = Norm(self.norm, self.axis_name, name=f"norm{i}")(x, train)
+            x = nn.relu(x)
+        x = x.reshape(x.shape[0], -1)
+        return nn.Dense(self.num_classes)(x)
+
+
+class BasicBlock(nn.Module):
+    features: int
+    stride: int
+    norm: str
+    axis_name: str | None
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        conv = lambda f, k, s, name: nn.Conv(f, (k, k), strides=s, padding=k // 2, use_bias=False, name=name)
+        y = conv(self.features, 3, self.stride, "conv1")(x)
+        y = nn.relu(Norm(self.norm, self.axis_name, name="norm1")(y, train))
+        y = conv(self.features, 3, 1, "conv2")(y)
+        y = Norm(self.norm, self.axis_name, name="norm2")(y, train)
+        if self.stride != 1 or x.shape[-1] != self.features:
+            x = conv(self.features, 1, self.stride, "shortcut_conv")(x)
+            x = Norm(self.norm, self.axis_name, name="shortcut_norm")(x, train)
+        return nn.relu(x + y)
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 in its CIFAR form (He et al. 2016; 3x3 stem, no max-pool), any HxWxC input."""
+
+    num_classes: int = 10
+    stage_sizes: Sequence[int] = (2, 2, 2, 2)
+    width: int = 64
+    norm: str = "batch"
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.Conv(self.width, (3, 3), padding=1, use_bias=False, name="stem_conv")(x)
+        x = nn.relu(Norm(self.norm, self.axis_name, name="stem_norm")(x, train))
+        for i, blocks in enumerate(self.stage_sizes):
+            for j in range(blocks):
+                stride = 2 if i > 0 and j == 0 else 1
+                x = BasicBlock(self.width * 2**i, stride, self.norm, self.axis_name, name=f"layer{i + 1}_{j}")(x, train)
+        x = jnp.mean(x, axis=(1, 2))
+        return nn.Dense(self.num_classes, name="fc")(x)
+
+
+MODELS = {"convnet": ConvNet, "resnet18": ResNet18}
+
+
+def make_model(name: str, num_classes: int, norm: str = "batch", axis_name: str | None = None, **kw: Any) -> nn.Module:
+    """Builds a model by name; `axis_name` is the data-parallel axis synchronised BatchNorm reduces over."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; use one of {', '.join(MODELS)}.")
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm {norm!r}; use one of {', '.join(NORMS)}.")
+    return MODELS[name](num_classes=num_classes, norm=norm, axis_name=axis_name, **kw)
+
+
+def init_variables(model: nn.Module, rng, image_shape) -> dict:
+    """Initial variables ({'params', 'batch_stats'?}) for inputs of shape (H, W, C)."""
+    variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+    return dict(variables)
