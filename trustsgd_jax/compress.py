@@ -136,8 +136,17 @@ def _is_message(x) -> bool:
 
 
 def decompress(msg: PyTree) -> PyTree:
-    """The gradient-shaped pytree an observer reconstructs from one worker's message."""
+    """The gradient-shaped pytree an observer reconstructs from one worker's message.
+
+    Takes a single worker's message; out of ``pmap`` (stacked over devices)
+    select one first with `worker_message`.
+    """
     return jax.tree.map(lambda m: m.dense(), msg, is_leaf=_is_message)
+
+
+def worker_message(stacked_msg: PyTree, worker: int) -> PyTree:
+    """Worker `worker`'s message out of a message stacked over devices (pmap output)."""
+    return jax.tree.map(lambda x: x[worker], stacked_msg)
 
 
 class WireCost(NamedTuple):
@@ -567,16 +576,23 @@ def topk_level_k(shapes, rank: int, min_compression_rate: float = 2) -> list[int
     K = floor(W_r / 2) entries with W_r = sum of `powersgd_words`. K is spread
     over tensors in proportion to their size (one common ratio K / D, floors,
     then the remainder one entry at a time to the largest tensors with room),
-    at least 1 and at most the tensor's size each. The totals match exactly
-    unless W_r is odd (one word less) or W_r >= 2D (then every entry is sent).
+    at least 1 and at most the tensor's size each (any overshoot of the
+    at-least-one rule is taken back from the largest tensors). The totals
+    match exactly unless W_r is odd (one word less), W_r >= 2D (then every
+    entry is sent) or there are more tensors than K.
     """
     sizes = np.array([int(np.prod(s)) for s in shapes], np.int64)
     total_k = min(sum(powersgd_words(shapes, rank, min_compression_rate)) // 2, int(sizes.sum()))
     ks = np.clip(np.floor(sizes * total_k / sizes.sum()).astype(np.int64), 1, sizes)
-    for i in np.argsort(-sizes, kind="stable"):
+    order = np.argsort(-sizes, kind="stable")
+    for i in order:  # the floors may leave entries over: give them to the largest tensors
         if ks.sum() >= total_k:
             break
         ks[i] += min(sizes[i] - ks[i], total_k - ks.sum())
+    for i in order:  # the at-least-one rule may overshoot: take back from the largest
+        if ks.sum() <= total_k:
+            break
+        ks[i] -= min(ks[i] - 1, ks.sum() - total_k)
     return [int(k) for k in ks]
 
 

@@ -69,7 +69,8 @@ def _how_to_fix(name: str) -> str:
         f"Supply data in one of these ways: pass --data_dir (or set ${DATA_DIR_ENV}) to a "
         f"directory holding '{name}.npz' with x_train/y_train/x_test/y_test uint8 arrays "
         "(the format of ../shared/data); use the bundled sample (source='sample'); or "
-        f"prepare the full dataset once with network access (`tfds build {name}`) and use "
+        f"prepare the full dataset once with network access (`tfds build {name} --file_format=array_record`, "
+        "which needs TensorFlow on that machine only) and use "
         "source='tfds' with tfds_data_dir pointing at it."
     )
 

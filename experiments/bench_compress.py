@@ -1,0 +1,115 @@
+r"""Cost of gradient compression in the data-parallel step: time and words on the wire.
+
+    python -m experiments.bench_compress                 # ResNet-18, CIFAR-10 shapes, 8 simulated CPU devices
+    python -m experiments.bench_compress --model=convnet --steps=10
+
+For each compressor: median train-step time (forward, backward, compression,
+collectives, optimizer), the compressor's reduce alone on the same gradients,
+32-bit words one worker puts on the wire per step (gradient message +
+synchronised BatchNorm statistics), the analytic word count, and the ratios
+to the uncompressed step. Prints a Markdown table and writes it to --out.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if "jax" not in sys.modules:  # must precede the first import of jax
+    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import time
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", "resnet18", "convnet | resnet18")
+flags.DEFINE_string("compressors", "none,topk_level:1,topk_level:4,powersgd:1,powersgd:4", "comma-separated specs")
+flags.DEFINE_integer("batch_size", 64, "global batch over all devices")
+flags.DEFINE_integer("steps", 5, "timed steps per compressor (after one warm-up step)")
+flags.DEFINE_string("out", None, "also write the table to this Markdown file")
+
+
+def analytic_words(spec: str, shapes) -> int:
+    """Word counts from the formulas alone, independent of the message objects."""
+    from trustsgd_jax import compress
+
+    kind, _, arg = spec.partition(":")
+    dense = sum(int(__import__("numpy").prod(s)) for s in shapes)
+    if kind == "none":
+        return dense
+    if kind == "powersgd":
+        return sum(compress.powersgd_words(shapes, int(arg)))
+    if kind == "topk_level":  # values + int32 indices, as many words as PowerSGD (rounded to even)
+        return 2 * (sum(compress.powersgd_words(shapes, int(arg))) // 2)
+    raise ValueError(f"no analytic formula for {spec!r} in this benchmark")
+
+
+def main(argv):
+    del argv
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from trustsgd_jax import compress, models, train
+
+    n = jax.local_device_count()
+    model = models.make_model(FLAGS.model, 10, norm="batch", axis_name=train.AXIS)
+    image_shape = (32, 32, 3)
+    per = train.check_batch(FLAGS.batch_size, n)
+    rng = np.random.default_rng(0)
+    # Timing only: pixel values do not change the cost of the step.
+    images = jnp.asarray(rng.normal(size=(n, per, *image_shape)).astype(np.float32))
+    labels = jnp.asarray(rng.integers(0, 10, size=(n, per)).astype(np.int32))
+    optimizer = optax.sgd(0.01, momentum=0.9)
+    params = models.init_variables(model, jax.random.key(0), image_shape)["params"]
+    shapes = [np.shape(x) for x in jax.tree.leaves(params)]
+    rows = []
+    for spec in FLAGS.compressors.split(","):
+        c = compress.from_spec(spec, params)
+        state = train.replicate(train.init_state(model, optimizer, c, image_shape, 0), n)
+        wire = train.step_wire_cost(model, c, train.unreplicate(state))
+        step = train.pmap_step(train.make_step(model, optimizer, c))
+        t0 = time.perf_counter()
+        state, m = step(state, images, labels)
+        jax.block_until_ready(m)
+        compile_s = time.perf_counter() - t0
+        times = []
+        for _ in range(FLAGS.steps):
+            t0 = time.perf_counter()
+            state, m = step(state, images, labels)
+            jax.block_until_ready(m)
+            times.append(time.perf_counter() - t0)
+        grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=(n, *p.shape)).astype(np.float32)), params)
+        cstate = train.replicate(c.init(params), n)
+        red = jax.pmap(lambda g, s: c.reduce(g, s, train.AXIS)[:2], axis_name=train.AXIS)
+        jax.block_until_ready(red(grads, cstate))
+        rtimes = []
+        for _ in range(FLAGS.steps):
+            t0 = time.perf_counter()
+            jax.block_until_ready(red(grads, cstate))
+            rtimes.append(time.perf_counter() - t0)
+        rows.append(dict(spec=spec, step=float(np.median(times)), reduce=float(np.median(rtimes)),
+                         compile=compile_s, words=wire["grad_words"], bn=wire["bn_words"],
+                         analytic=analytic_words(spec, shapes)))
+        print(f"{spec}: step {rows[-1]['step']:.3f}s reduce {rows[-1]['reduce']:.3f}s", flush=True)
+    base = next((r for r in rows if r["spec"] == "none"), rows[0])
+    lines = [f"ResNet-18 step cost, {n} devices, global batch {FLAGS.batch_size}, {jax.devices()[0].platform}"
+             if FLAGS.model == "resnet18" else f"{FLAGS.model}, {n} devices, global batch {FLAGS.batch_size}",
+             "",
+             "| compressor | step s | x none | reduce s | words/worker/step | analytic | + sync-BN words | wire ratio |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['spec']} | {r['step']:.3f} | {r['step'] / base['step']:.2f} | {r['reduce']:.4f} | "
+                     f"{r['words']} | {r['analytic']} | {r['bn']} | {r['words'] / base['words']:.4f} |")
+    table = "\n".join(lines)
+    print(table)
+    if FLAGS.out:
+        from trustsgd_jax import results
+
+        results.write_atomic(FLAGS.out, table + "\n")
+
+
+if __name__ == "__main__":
+    app.run(main)
