@@ -18,12 +18,43 @@ how attacks apply the model.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 NORMS = ("batch", "batch_local", "group", "none")
+CONV_IMPLS = ("xla", "patches")
+
+
+def patches_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                 dimension_numbers=None, feature_group_count=1, precision=None, **unused):
+    """A convolution as im2col + matmul, numerically the same as ``lax.conv_general_dilated``.
+
+    Used for gradient inversion: under ``vmap`` over attacks, per-example
+    *weight* gradients of a native convolution become grouped convolutions,
+    slow on CPU; here they are batched matmuls. Parameters are unchanged
+    (flax kernels (kh, kw, cin, cout)).
+    """
+    if feature_group_count != 1:
+        raise NotImplementedError("patches_conv supports feature_group_count == 1 only")
+    kh, kw, cin, cout = rhs.shape
+    patches = jax.lax.conv_general_dilated_patches(
+        lhs, (kh, kw), window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+        dimension_numbers=("NHWC", "OIHW", "NHWC"), precision=precision)
+    # Patch features come channel-major: (cin, kh, kw).
+    kernel = jnp.transpose(rhs, (2, 0, 1, 3)).reshape(cin * kh * kw, cout)
+    return jnp.einsum("nhwk,ko->nhwo", patches, kernel, precision=precision)
+
+
+def _conv(impl: str):
+    if impl == "patches":
+        return functools.partial(nn.Conv, conv_general_dilated=patches_conv)
+    if impl == "xla":
+        return nn.Conv
+    raise ValueError(f"unknown conv_impl {impl!r}; use one of {CONV_IMPLS}.")
 
 
 class Norm(nn.Module):
@@ -60,11 +91,12 @@ class ConvNet(nn.Module):
     width: int = 32
     norm: str = "batch"
     axis_name: str | None = None
+    conv_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         for i, (features, stride) in enumerate(((self.width, 1), (2 * self.width, 2), (2 * self.width, 2))):
-            x = nn.Conv(features, (3, 3), strides=stride, padding=1, use_bias=self.norm == "none")(x)
+            x = _conv(self.conv_impl)(features, (3, 3), strides=stride, padding=1, use_bias=self.norm == "none")(x)
             x = Norm(self.norm, self.axis_name, name=f"norm{i}")(x, train)
             x = nn.relu(x)
         x = x.reshape(x.shape[0], -1)
@@ -76,10 +108,11 @@ class BasicBlock(nn.Module):
     stride: int
     norm: str
     axis_name: str | None
+    conv_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x, train: bool):
-        conv = lambda f, k, s, name: nn.Conv(f, (k, k), strides=s, padding=k // 2, use_bias=False, name=name)
+        conv = lambda f, k, s, name: _conv(self.conv_impl)(f, (k, k), strides=s, padding=k // 2, use_bias=False, name=name)
         y = conv(self.features, 3, self.stride, "conv1")(x)
         y = nn.relu(Norm(self.norm, self.axis_name, name="norm1")(y, train))
         y = conv(self.features, 3, 1, "conv2")(y)
@@ -98,15 +131,16 @@ class ResNet18(nn.Module):
     width: int = 64
     norm: str = "batch"
     axis_name: str | None = None
+    conv_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x = nn.Conv(self.width, (3, 3), padding=1, use_bias=False, name="stem_conv")(x)
+        x = _conv(self.conv_impl)(self.width, (3, 3), padding=1, use_bias=False, name="stem_conv")(x)
         x = nn.relu(Norm(self.norm, self.axis_name, name="stem_norm")(x, train))
         for i, blocks in enumerate(self.stage_sizes):
             for j in range(blocks):
                 stride = 2 if i > 0 and j == 0 else 1
-                x = BasicBlock(self.width * 2**i, stride, self.norm, self.axis_name, name=f"layer{i + 1}_{j}")(x, train)
+                x = BasicBlock(self.width * 2**i, stride, self.norm, self.axis_name, self.conv_impl, name=f"layer{i + 1}_{j}")(x, train)
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes, name="fc")(x)
 

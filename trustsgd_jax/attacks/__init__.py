@@ -1,0 +1,1 @@
+"""Attacks on what data-parallel training reveals: gradient inversion and membership inference."""
