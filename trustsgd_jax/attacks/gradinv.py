@@ -21,9 +21,17 @@ threat model:
 * ``observed`` (the paper's attacker): f(x) is the dummy model's full
   parameter gradient, f* = ``decompress(message)``.
 * ``adaptive`` (compression-aware; cf. Aerni et al. 2024): the attacker
-  applies the same operator to its dummy gradient. Top-K / Random-K: only the
-  transmitted coordinates (dummy gradient gathered at the message's indices
-  vs. the sent values). PowerSGD: the dummy matrix projected on the
+  applies the same operator to its dummy gradient. Random-K: only the
+  transmitted coordinates (dummy gradient gathered at the shared indices vs.
+  the sent values). Top-K: the selection itself is information (the sent
+  entries are the largest), so the attacker keeps the cosine over the whole
+  gradient against the sparse message, which rewards a dummy gradient whose
+  mass sits on the sent support, and adds what the selection implies: no
+  unsent entry exceeds the smallest sent one (`topk_support_penalty`). We
+  measured the variant that matches the transmitted coordinates only: it
+  discards the support information and reconstructs *worse* than the
+  observed attacker (SSIM 0.11 vs 0.31, ConvNet, CIFAR-10, level 1, 400
+  iterations), so it is not the adaptive attacker here. PowerSGD: the dummy matrix projected on the
   transmitted orthonormal P_hat, M(x)^T P_hat, vs. the worker's sent Q.
   Tensors sent in full are compared in full. QSGD and sign compression
   transmit a quantised version of the whole tensor; their rounding is not
@@ -120,7 +128,7 @@ def target_features(msg, threat: str) -> list:
     """What the attacker matches: per tensor, the observed array."""
     out = []
     for m in _messages(msg):
-        if threat == "adaptive" and isinstance(m, compress_lib.Sparse):
+        if threat == "adaptive" and isinstance(m, compress_lib.Sparse) and not m.indices_on_wire:
             out.append(m.values)
         elif threat == "adaptive" and isinstance(m, compress_lib.LowRank):
             out.append(m.q)
@@ -133,13 +141,38 @@ def dummy_features(grads, msg, threat: str) -> list:
     """The dummy gradient passed through the same view of each tensor as `target_features`."""
     out = []
     for g, m in zip(jax.tree.leaves(grads), _messages(msg)):
-        if threat == "adaptive" and isinstance(m, compress_lib.Sparse):
+        if threat == "adaptive" and isinstance(m, compress_lib.Sparse) and not m.indices_on_wire:
             out.append(g.reshape(-1)[m.indices])
         elif threat == "adaptive" and isinstance(m, compress_lib.LowRank):
             out.append(compress_lib._to_matrix(g).T @ m.p_hat)
         else:
             out.append(g)
     return out
+
+
+def topk_support_penalty(grads, msg, dummy_feats, target_feats) -> jax.Array:
+    """What Top-K's selection reveals: every unsent entry is at most the smallest sent one.
+
+    The adaptive attacker uses it as a penalty, zero at the true input (at
+    the first step; error memory makes it approximate later): with the dummy
+    gradient scaled to the norm of what was sent, sum over unsent entries of
+    relu(|g_i| - tau)^2, tau the smallest sent magnitude of that tensor,
+    relative to the sent energy. Without it, matching only the transmitted
+    coordinates discards the support information that a cosine over the
+    whole gradient (the `observed` attacker) still uses.
+    """
+    sparse = [(g, m) for g, m in zip(jax.tree.leaves(grads), _messages(msg))
+              if isinstance(m, compress_lib.Sparse) and m.indices_on_wire]
+    if not sparse:
+        return jnp.zeros(())
+    sent = sum(jnp.sum(jnp.square(t)) for t in target_feats)
+    scale = jnp.sqrt(sent / jnp.maximum(sum(jnp.sum(jnp.square(d)) for d in dummy_feats), 1e-30))
+    total = 0.0
+    for g, m in sparse:
+        tau = jnp.min(jnp.abs(m.values))
+        unsent = jnp.abs(g.reshape(-1).at[m.indices].set(0.0)) * scale
+        total = total + jnp.sum(jnp.square(jax.nn.relu(unsent - tau)))
+    return total / sent
 
 
 # ---------------------------------------------------------------- the victim
@@ -191,7 +224,11 @@ def _make_attack_fns(model, variables, threat, config, lo, hi, n_tensors):
 
     def matching_loss(x, msg, y):
         grads = param_grads(model, variables, x, y)
-        return cosine_distance(dummy_features(grads, msg, threat), target_features(msg, threat), weights)
+        d, t = dummy_features(grads, msg, threat), target_features(msg, threat)
+        loss = cosine_distance(d, t, weights)
+        if threat == "adaptive":
+            loss = loss + topk_support_penalty(grads, msg, d, t)
+        return loss
 
     def objective(x, msg, y):
         return matching_loss(x, msg, y) + config.tv * total_variation(x)

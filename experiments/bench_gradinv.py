@@ -1,0 +1,95 @@
+r"""Speed of the gradient-inversion attack: iterations per second, compile time, peak memory.
+
+    python -m experiments.bench_gradinv                    # ResNet-18, 32x32x3, B = 1
+    python -m experiments.bench_gradinv --model=convnet --iterations=200
+
+Rows: one attack, and N independent attacks batched in one program (vmap),
+for both convolution implementations (``xla``: native convolutions;
+``patches``: im2col + matmul, which keeps per-example weight gradients as
+batched matmuls under vmap). "aggregate it/s" counts iterations of all
+attacks together; "vs sequential" compares the batched aggregate with N
+single attacks run one after another. Peak memory is the process's peak
+resident set size (CPU) or the device's peak bytes in use (GPU).
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", "resnet18", "convnet | resnet18")
+flags.DEFINE_integer("iterations", 40, "timed attack iterations per configuration (after compiling)")
+flags.DEFINE_integer("batched", 8, "number of independent attacks batched together")
+flags.DEFINE_string("conv_impls", "xla,patches", "convolution implementations to compare")
+flags.DEFINE_string("out", None, "also write the table to this Markdown file")
+
+
+def _peak_mb():
+    import jax
+
+    dev = jax.devices()[0]
+    stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
+    if stats and "peak_bytes_in_use" in stats:
+        return stats["peak_bytes_in_use"] / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main(argv):
+    del argv
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from trustsgd_jax import compress, data, models
+    from trustsgd_jax.attacks import gradinv
+
+    ds = data.load("cifar10")
+    rows = []
+    for impl in FLAGS.conv_impls.split(","):
+        model = models.make_model(FLAGS.model, 10, norm="batch", conv_impl=impl)
+        variables = models.init_variables(model, jax.random.key(0), (32, 32, 3))
+        c = compress.none()
+        x = data.normalize(ds.x_train[:FLAGS.batched], "cifar10")
+        msgs = [jax.jit(lambda a, b: gradinv.victim_message(model, variables, a, b, c))(x[i:i + 1],
+                                                                                       ds.y_train[i:i + 1])
+                for i in range(FLAGS.batched)]
+        lo, hi = (jnp.asarray(v) for v in data.pixel_bounds("cifar10"))
+        for n in (1, FLAGS.batched):
+            cfg = gradinv.AttackConfig(iterations=10**6, chunk=FLAGS.iterations, parallel=n)
+            init, chunk, _ = gradinv._make_attack_fns(model, variables, "observed", cfg, lo, hi,
+                                                      len(jax.tree.leaves(variables["params"])))
+            msg = jax.tree.map(lambda *a: jnp.stack(a), *msgs[:n])
+            y = jnp.asarray(ds.y_train[:n, None].astype(np.int32))
+            xs = jax.random.normal(jax.random.key(1), (n, 1, 32, 32, 3))
+            st = init(xs)
+            t0 = time.perf_counter()
+            jax.block_until_ready(chunk(xs, st, msg, y, FLAGS.iterations))
+            compile_and_first = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            jax.block_until_ready(chunk(xs, st, msg, y, FLAGS.iterations))
+            run = time.perf_counter() - t0
+            rows.append(dict(impl=impl, n=n, its=FLAGS.iterations / run, agg=n * FLAGS.iterations / run,
+                             compile=compile_and_first - run, mem=_peak_mb()))
+            print(rows[-1], flush=True)
+    single = {r["impl"]: r["agg"] for r in rows if r["n"] == 1}
+    best_single = max(single.values())
+    lines = [f"Gradient inversion speed, {FLAGS.model} 32x32x3, B = 1, {jax.devices()[0].platform} "
+             f"({jax.devices()[0].device_kind})", "",
+             "| conv | attacks | it/s per attack | aggregate it/s | vs sequential (same conv) | vs best single | "
+             "compile s | peak MB |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['impl']} | {r['n']} | {r['its']:.2f} | {r['agg']:.2f} | {r['agg'] / single[r['impl']]:.2f}x"
+                     f" | {r['agg'] / best_single:.2f}x | {r['compile']:.1f} | {r['mem']:.0f} |")
+    table = "\n".join(lines)
+    print(table)
+    if FLAGS.out:
+        from trustsgd_jax import results
+
+        results.write_atomic(FLAGS.out, table + "\n")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,132 @@
+"""Gradient inversion: it reconstructs real images, compression hurts it, metrics and errors are right."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from trustsgd_jax import compress, data, metrics, models, train
+from trustsgd_jax.attacks import gradinv
+
+CFG = gradinv.AttackConfig(iterations=400, chunk=100, parallel=4)
+
+
+@pytest.fixture(scope="module")
+def cifar():
+    ds = data.load("cifar10", source="sample")
+    model = models.make_model("convnet", 10, norm="batch", conv_impl="patches")
+    variables = models.init_variables(model, jax.random.key(0), (32, 32, 3))
+    return ds, model, variables
+
+
+@pytest.fixture(scope="module")
+def ssim_by_setting(cifar):
+    ds, model, variables = cifar
+    # Two real images, each attacked as its own victim batch.
+    x, y = data.normalize(ds.x_train[[3, 140]], "cifar10"), ds.y_train[[3, 140]]
+    out = {}
+    for spec, threat in [("none", "observed"), ("powersgd:1", "observed"), ("topk_level:1", "observed"),
+                         ("topk_level:1", "adaptive")]:
+        r = gradinv.audit(model, variables, x, y, compress.from_spec(spec, variables["params"]), dataset="cifar10",
+                          threat=threat, config=CFG, progress=False)
+        assert np.isfinite(r.per_image["ssim"]).all()
+        out[spec, threat] = r.summary["ssim"]["mean"]
+    return out
+
+
+def test_uncompressed_attack_reconstructs_real_images(ssim_by_setting):
+    assert ssim_by_setting["none", "observed"] > 0.7, ssim_by_setting
+
+
+def test_powersgd_rank1_leaks_clearly_less(ssim_by_setting):
+    assert ssim_by_setting["powersgd:1", "observed"] < ssim_by_setting["none", "observed"] - 0.2, ssim_by_setting
+
+
+def test_adaptive_attacker_does_at_least_as_well_on_topk(ssim_by_setting):
+    assert ssim_by_setting["topk_level:1", "adaptive"] >= ssim_by_setting["topk_level:1", "observed"] - 0.01, \
+        ssim_by_setting
+
+
+def test_adaptive_powersgd_matches_projected_gradient(cifar):
+    ds, model, variables = cifar
+    x, y = data.normalize(ds.x_train[:1], "cifar10"), ds.y_train[:1]
+    msg = gradinv.victim_message(model, variables, x, y, compress.powersgd(2))
+    grads = gradinv.param_grads(model, variables, x, y)
+    # At the true image the adaptive features coincide: M(x)^T P_hat == sent Q.
+    a = gradinv.dummy_features(grads, msg, "adaptive")
+    b = gradinv.target_features(msg, "adaptive")
+    assert float(gradinv.cosine_distance(a, b, [1.0] * len(a))) < 1e-5
+    assert any(isinstance(m, compress.LowRank) for m in jax.tree.leaves(msg, is_leaf=compress._is_message))
+
+
+def test_cosine_distance_and_tv_by_hand():
+    a, b = [jnp.array([1.0, 0.0]), jnp.array([0.0])], [jnp.array([1.0, 1.0]), jnp.array([0.0])]
+    np.testing.assert_allclose(gradinv.cosine_distance(a, b, [1.0, 1.0]), 1 - 1 / np.sqrt(2), rtol=1e-6)
+    x = jnp.zeros((1, 2, 3, 1)).at[0, 0, 0, 0].set(1.0)
+    # |dH|: one of 3 differences is 1 -> 1/3; |dW|: one of 4 -> 1/4.
+    np.testing.assert_allclose(gradinv.total_variation(x), 1 / 3 + 1 / 4, rtol=1e-6)
+
+
+def test_metrics_identity_and_hand_computed_values():
+    rng = np.random.default_rng(0)
+    img = rng.uniform(size=(3, 16, 16, 3)).astype(np.float32)
+    np.testing.assert_allclose(metrics.ssim(img, img), 1.0, atol=1e-5)
+    assert (metrics.psnr(img, img) == metrics.PSNR_CAP).all()
+    a, b = np.full((1, 16, 16, 1), 0.5, np.float32), np.full((1, 16, 16, 1), 0.25, np.float32)
+    c1 = 0.01**2
+    np.testing.assert_allclose(metrics.ssim(a, b), (2 * 0.5 * 0.25 + c1) / (0.25 + 0.0625 + c1), rtol=1e-4)
+    np.testing.assert_allclose(metrics.mse(a, b), 0.0625, rtol=1e-6)
+    np.testing.assert_allclose(metrics.psnr(a, b), 10 * np.log10(1 / 0.0625), rtol=1e-5)
+    with pytest.raises(ValueError, match="equal shape"):
+        metrics.ssim(a, img)
+
+
+def test_hungarian_matching_recovers_a_shuffled_batch():
+    ds = data.load("cifar10", source="sample")
+    batch = ds.x_train[:6].astype(np.float32) / 255
+    perm = np.array([4, 0, 5, 2, 1, 3])
+    shuffled = batch[perm] + 0.05 * np.random.default_rng(1).normal(size=batch.shape).astype(np.float32)
+    order = metrics.match(batch, shuffled)
+    np.testing.assert_array_equal(perm[order], np.arange(6))
+
+
+def test_idlg_infers_labels_untrained_and_trained():
+    ds = data.load("mnist", source="sample")
+    x, y = data.normalize(ds.x_train, "mnist"), ds.y_train
+    model = models.make_model("convnet", 10, norm="batch", axis_name=train.AXIS)
+    fitted = train.fit(model, compress.none(), x, y, steps=30, global_batch=64, progress=False)
+    eval_model = models.make_model("convnet", 10, norm="batch")
+    untrained = models.init_variables(eval_model, jax.random.key(3), (28, 28, 1))
+    trained = {"params": fitted.state.params, "batch_stats": fitted.state.batch_stats}
+    idx = np.arange(0, 4000, 400)  # one image of every class
+    for variables in (untrained, trained):
+        for i in idx:
+            msg = gradinv.victim_message(eval_model, variables, x[i:i + 1], y[i:i + 1], compress.none())
+            assert gradinv.infer_labels_idlg(msg, 10)[0] == y[i]
+
+
+def test_bad_inputs_raise_clear_errors(cifar):
+    ds, model, variables = cifar
+    x, y = data.normalize(ds.x_train[:1], "cifar10"), ds.y_train[:1]
+    c = compress.none()
+    kw = dict(dataset="cifar10", config=CFG, progress=False)
+    with pytest.raises(gradinv.AttackError, match="does not take images of shape"):
+        gradinv.audit(model, variables, np.zeros((1, 28, 28, 1), np.float32), y, c, **kw)
+    with pytest.raises(gradinv.AttackError, match="normalised floats"):
+        gradinv.audit(model, variables, ds.x_train[:1], y, c, **kw)
+    with pytest.raises(gradinv.AttackError, match=r"labels must lie in \[0, 10\)"):
+        gradinv.audit(model, variables, x, np.array([10]), c, **kw)
+    with pytest.raises(gradinv.AttackError, match="iterations >= 1"):
+        gradinv.audit(model, variables, x, y, c, dataset="cifar10", config=CFG._replace(iterations=0))
+    with pytest.raises(gradinv.AttackError, match="unknown threat"):
+        gradinv.audit(model, variables, x, y, c, threat="oracle", **kw)
+    other = models.make_model("convnet", 10, norm="batch", width=8)
+    other_vars = models.init_variables(other, jax.random.key(0), (32, 32, 3))
+    foreign = gradinv.victim_message(other, other_vars, x, y, c)
+    with pytest.raises(gradinv.AttackError, match="another model"):
+        gradinv.invert_gradients(model, variables, [foreign], y[None], (32, 32, 3), "cifar10", config=CFG)
+    zeros = jax.tree.map(jnp.zeros_like, variables["params"])
+    zero_msg = c.reduce(zeros, c.init(variables["params"]), None)[2]
+    with pytest.raises(gradinv.AttackError, match="all zeros"):
+        gradinv.invert_gradients(model, variables, [zero_msg], y[None], (32, 32, 3), "cifar10", config=CFG)
