@@ -17,6 +17,12 @@ from __future__ import annotations
 import os
 import sys
 
+if "jax" not in sys.modules:  # 8 simulated CPU workers unless the caller chose otherwise (no effect on GPUs)
+    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import os
+import sys
+
 from absl import app, flags
 
 FLAGS = flags.FLAGS

@@ -1,0 +1,138 @@
+"""The main job end to end: reports from results.jsonl, resume after SIGKILL, damaged lines, bad flags."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from experiments import report
+from trustsgd_jax import results
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, PYTHONPATH=ROOT)
+
+
+def reproduce(workdir, *extra, timeout=600):
+    return subprocess.run([sys.executable, "-m", "experiments.reproduce", "--preset=tiny", f"--workdir={workdir}",
+                           "--progress=false", *extra], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def lines(path):
+    return path.read_text().splitlines()
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("full")
+    out = reproduce(workdir)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return workdir, out.stdout
+
+
+def test_tiny_run_writes_every_report_and_tables_parse_back(full_run):
+    workdir, stdout = full_run
+    for name in ("results.jsonl", "table1.md", "table1.csv", "figure1.png", "ssim_vs_compression.png", "table2.md",
+                 "utility.md", "report.md", "roc.png"):
+        assert (workdir / name).stat().st_size > 0, name
+    recs = results.read_records(workdir / "results.jsonl").records
+    gradinv = [r for r in recs if r["kind"] == "gradinv"]
+    mia = [r for r in recs if r["kind"] == "mia"]
+    assert {r["compressor"] for r in gradinv} == {"none", "powersgd:1"} and len(mia) == 2
+    with open(workdir / "table1.csv") as f:
+        rows = {r["compressor"]: r for r in csv.DictReader(f)}
+    for r in gradinv:
+        assert float(rows[r["compressor"]]["ssim_mean"]) == pytest.approx(np.mean(r["ssim"]), abs=1e-12)
+        assert f"{np.mean(r['ssim']):.4f}" in (workdir / "table1.md").read_text()
+    t2 = (workdir / "table2.md").read_text()
+    for r in mia:
+        assert f"{r['attacks']['loss']['auc']:.3f}" in t2
+        assert f"{r['test_accuracy']:.4f}" in (workdir / "utility.md").read_text()
+    assert "oracle" in t2 and "calibrated" in t2
+    assert "## Claims" in (workdir / "report.md").read_text()
+    assert "SSIM" in stdout and "4 units" in stdout
+
+
+def test_killed_run_resumes_to_the_same_results(full_run, tmp_path):
+    workdir, _ = full_run
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.reproduce", "--preset=tiny",
+                             f"--workdir={tmp_path}", "--progress=false"], cwd=ROOT, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    path = tmp_path / "results.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (path.exists() and len(lines(path)) >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = len(lines(path))
+    assert 2 <= killed_at < 4, f"kill landed after {killed_at} units"
+    out = reproduce(tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert f"{killed_at} already done" in out.stdout
+    assert lines(path) == lines(workdir / "results.jsonl")  # same content, no unit done twice
+
+
+def test_truncated_last_line_is_reported_and_redone(full_run, tmp_path):
+    workdir, _ = full_run
+    good = (workdir / "results.jsonl").read_text()
+    cut = good[: len(good) - len(good.splitlines()[-1]) // 2 - 1]  # half of the last line, no newline
+    (tmp_path / "results.jsonl").write_text(cut)
+    for sub in ("recon", "roc"):
+        (tmp_path / sub).mkdir()
+        for f in (workdir / sub).iterdir():
+            (tmp_path / sub / f.name).write_bytes(f.read_bytes())
+    out = reproduce(tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "was cut short" in out.stdout and "3 already done" in out.stdout
+    assert (tmp_path / "results.jsonl").read_text() == good
+    assert (tmp_path / "results.jsonl.corrupt").exists()
+
+
+def test_reports_render_from_a_partial_run(full_run, tmp_path):
+    workdir, _ = full_run
+    first = lines(workdir / "results.jsonl")[0]
+    (tmp_path / "results.jsonl").write_text(first + "\n")
+    written = report.write_reports(tmp_path)
+    assert (tmp_path / "table1.md").exists() and "No MIA units yet" in (tmp_path / "table2.md").read_text()
+    assert any(p.name == "table1.csv" for p in written)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    report.write_reports(empty)
+    assert "No configurations finished yet" in (empty / "report.md").read_text()
+
+
+def test_corrupt_middle_line_raises(tmp_path):
+    (tmp_path / "results.jsonl").write_text('{"a": 1}\nnot json\n{"b": 2}\n')
+    with pytest.raises(results.ResultsError, match="line 2"):
+        results.read_records(tmp_path / "results.jsonl")
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("--compressors=none,powerful:2", "unknown compressor spec"),
+    ("--compressors=powersgd:200", "compresses no tensor"),
+    ("--datasets=svhn", "unknown dataset 'svhn'"),
+    ("--threat_models=oracle", "unknown threat model"),
+])
+def test_bad_flags_fail_before_any_work(tmp_path, flag, message):
+    out = reproduce(tmp_path, flag)
+    assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
+    assert not (tmp_path / "results.jsonl").exists()
+
+
+def test_unwritable_workdir_fails_clearly(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    out = reproduce(blocker / "sub")
+    assert out.returncode == 2 and "not writable" in out.stderr
+
+
+def test_append_record_keeps_json_standard(tmp_path):
+    results.append_record(tmp_path / "r.jsonl", {"x": float("inf"), "y": np.float32(1.5), "z": np.arange(2)})
+    rec = json.loads((tmp_path / "r.jsonl").read_text())
+    assert rec == {"x": "inf", "y": 1.5, "z": [0, 1]}
