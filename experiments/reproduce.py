@@ -50,9 +50,11 @@ flags.DEFINE_integer("attack_step", 0, "attack at this training step (0: first s
 flags.DEFINE_string("model", None, "convnet | resnet18")
 flags.DEFINE_bool("mia", None, "run membership inference units")
 flags.DEFINE_list("mia_datasets", None, "datasets for membership inference (default: --datasets)")
+flags.DEFINE_list("mia_compressors", None, "compressors for membership inference (default: --compressors)")
 flags.DEFINE_integer("mia_shadows", None, "shadow models per MIA configuration")
 flags.DEFINE_integer("mia_steps", None, "training steps of target and shadow models")
 flags.DEFINE_integer("mia_pool", None, "images in the MIA pool (members + non-members)")
+flags.DEFINE_integer("parallel_models", 1, "target/shadow models trained at once (train.fit_many); >1 on real devices")
 flags.DEFINE_integer("batch_size", 64, "global training batch")
 flags.DEFINE_string("data_source", "auto", "auto | npz | sample | tfds")
 flags.DEFINE_string("data_dir", None, "directory of {dataset}.npz (else $TRUSTSGD_DATA_DIR, else bundled sample)")
@@ -72,7 +74,8 @@ PRESETS = {
                   compressors=["none", "powersgd:1", "topk_level:1", "powersgd:2", "topk_level:2", "powersgd:4",
                                "topk_level:4"],
                   threat_models=["observed", "adaptive"], images=2, group=2, iterations=400, restarts=1,
-                  model="convnet", mia=True, mia_datasets=["cifar10"], mia_shadows=4, mia_steps=150, mia_pool=1200),
+                  model="convnet", mia=True, mia_datasets=["cifar10"], mia_compressors=["none", "powersgd:1", "topk_level:1"],
+                  mia_shadows=4, mia_steps=100, mia_pool=1200),
     "paper": dict(datasets=["cifar10", "cifar100", "mnist"],
                   compressors=["none", "powersgd:1", "topk_level:1", "powersgd:2", "topk_level:2", "powersgd:4",
                                "topk_level:4", "powersgd:30", "topk_level:30", "powersgd:50", "topk_level:50"],
@@ -93,6 +96,8 @@ def apply_preset():
             setattr(FLAGS, name, value)
     if FLAGS.mia_datasets is None:
         FLAGS.mia_datasets = list(FLAGS.datasets)
+    if FLAGS.mia_compressors is None:
+        FLAGS.mia_compressors = list(FLAGS.compressors)
     if FLAGS.group is None:
         FLAGS.group = FLAGS.images
 
@@ -201,7 +206,7 @@ def main(argv):
                                       data_source=datasets[name].source))
     if FLAGS.mia:
         for name in FLAGS.mia_datasets:
-            for spec in FLAGS.compressors:
+            for spec in FLAGS.mia_compressors:
                 units.append(dict(kind="mia", dataset=name, compressor=spec, model=FLAGS.model, seed=FLAGS.seed,
                                   mia_shadows=FLAGS.mia_shadows, mia_steps=FLAGS.mia_steps, mia_pool=FLAGS.mia_pool,
                                   batch_size=FLAGS.batch_size, data_source=datasets[name].source))
@@ -299,7 +304,8 @@ def run_mia_unit(u, ds, workdir):
     setup = mia.train_target_and_shadows(
         x, y, model_fn=lambda: models.make_model(u["model"], ds.num_classes, norm="batch", axis_name=train.AXIS),
         compressor_spec=u["compressor"], num_shadows=u["mia_shadows"], steps=u["mia_steps"],
-        global_batch=u["batch_size"], seed=u["seed"], split_path=workdir / split)
+        global_batch=u["batch_size"], seed=u["seed"], split_path=workdir / split,
+        parallel_models=FLAGS.parallel_models)
     rep = mia.evaluate_membership(setup.target_predict, x, y, setup.is_member, shadow_predicts=setup.shadow_predicts,
                                   shadow_in=setup.shadow_in, augment="flip" if ds.name != "mnist" else "none",
                                   bootstrap=200, seed=u["seed"])

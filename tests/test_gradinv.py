@@ -130,3 +130,24 @@ def test_bad_inputs_raise_clear_errors(cifar):
     zero_msg = c.reduce(zeros, c.init(variables["params"]), None)[2]
     with pytest.raises(gradinv.AttackError, match="all zeros"):
         gradinv.invert_gradients(model, variables, [zero_msg], y[None], (32, 32, 3), "cifar10", config=CFG)
+
+
+def test_attack_at_step_t_of_a_real_compressed_run():
+    """The victim's message at step t carries error memory and a warm-started Q the attacker does not know."""
+    ds = data.load("mnist", source="sample")
+    x, y = data.normalize(ds.x_train, "mnist"), ds.y_train
+    dp = models.make_model("convnet", 10, norm="batch", axis_name=train.AXIS)
+    c = compress.powersgd(rank=1)
+    fitted = train.fit(dp, c, x, y, steps=5, global_batch=64, progress=False)
+    victim_state = jax.tree.map(lambda s: s[0], fitted.state.comp_state)
+    assert int(victim_state.step) == 5
+    assert max(float(jnp.abs(m).max()) for m in jax.tree.leaves(victim_state.memory)) > 0
+    model = models.make_model("convnet", 10, norm="batch", conv_impl="patches")
+    variables = {"params": fitted.state.params, "batch_stats": fitted.state.batch_stats}
+    later = gradinv.victim_message(model, variables, x[:1], y[:1], c, victim_state)
+    first = gradinv.victim_message(model, variables, x[:1], y[:1], c)
+    assert not np.allclose(compress.decompress(later)["Conv_1"]["kernel"],
+                           compress.decompress(first)["Conv_1"]["kernel"])
+    r = gradinv.audit(model, variables, x[:1], y[:1], c, dataset="mnist", config=CFG._replace(iterations=50),
+                      compressor_state=victim_state, progress=False)
+    assert np.isfinite(r.per_image["ssim"]).all() and r.iterations == 50

@@ -159,3 +159,17 @@ def test_two_processes_apply_identical_updates(tmp_path):
     sums = [re.search(r"process \d param_abs_sum (\S+)", o).group(1) for o in outs]
     assert sums[0] == sums[1], sums
     assert "4 devices in 2 process(es)" in outs[0]
+
+
+def test_fit_many_trains_the_same_models_as_sequential_fits(mnist):
+    ds, x, _ = mnist
+    x, y = x[:512], ds.y_train[:512]
+    rng = np.random.default_rng(0)
+    masks = np.stack([rng.random(512) < 0.5, rng.random(512) < 0.5])
+    model = models.make_model("convnet", 10, norm="batch", axis_name=train.AXIS, width=8, conv_impl="patches")
+    c = compress.powersgd(rank=1)
+    many = train.fit_many(model, c, x, y, masks, [3, 4], steps=6, global_batch=64)
+    for k, seed in enumerate([3, 4]):
+        one = train.fit(model, c, x[masks[k]], y[masks[k]], steps=6, global_batch=64, seed=seed, progress=False)
+        for a, b in zip(jax.tree.leaves(many[k].params), jax.tree.leaves(one.state.params)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)

@@ -82,13 +82,17 @@ class LowRank:
     """PowerSGD factors of the matrix view M (n x m) of a tensor.
 
     The worker sends ``p = M Q_prev`` (n x r) and ``q = M^T p_hat`` (m x r);
-    ``p_hat`` (orthonormalised sum of all workers' p) is known to everyone.
-    The observer's estimate of this worker's gradient is ``p_hat q^T``.
+    ``p_hat`` (orthonormalised sum of all workers' p) and ``q_prev`` (the
+    shared Q this round started from: seeded at the first step, the previous
+    round's aggregate later) are known to everyone and not counted as this
+    worker's traffic. The observer's estimate of this worker's gradient is
+    ``p_hat q^T``.
     """
 
     p: jax.Array
     q: jax.Array
     p_hat: jax.Array
+    q_prev: jax.Array
     shape: tuple = struct.field(pytree_node=False)
 
     def dense(self):
@@ -538,7 +542,7 @@ def powersgd(rank: int = 4, error_feedback: bool = True, warm_start: bool = True
         for i, m in enumerate(ms):
             if plan[i]:
                 approx = _from_matrix(p_hat[i] @ q_avg[i].T, m.shape)
-                msg.append(LowRank(p_local[i], q_local[i], p_hat[i], tuple(m.shape)))
+                msg.append(LowRank(p_local[i], q_local[i], p_hat[i], qs[i], tuple(m.shape)))
                 extra.append(q_avg[i] if warm_start else state.extra[i])
             else:
                 approx = full_avg[i]

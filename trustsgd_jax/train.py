@@ -237,3 +237,56 @@ def evaluate(model, params, batch_stats, images, labels, batch_size: int = 500) 
     logits = predict_logits(model, params, batch_stats, images, batch_size)
     loss = float(np.mean(np.asarray(cross_entropy(jnp.asarray(logits), jnp.asarray(labels)))))
     return {"accuracy": float(np.mean(logits.argmax(-1) == labels)), "loss": loss}
+
+
+def fit_many(model: nn.Module, compressor: compress_lib.Compressor, x_train: np.ndarray, y_train: np.ndarray,
+             masks: np.ndarray, seeds, *, steps: int, global_batch: int,
+             optimizer: optax.GradientTransformation | None = None, progress: bool = False) -> list[TrainState]:
+    """Trains K models at once, model k on ``x_train[masks[k]]`` with seed ``seeds[k]``.
+
+    The per-worker step is vmapped over a leading model axis inside the
+    pmapped step, so each model is still trained data-parallel with the
+    compressor over all devices (its collectives run over the device axis),
+    and K models share every compiled program. With ``conv_impl='patches'``
+    the per-model convolutions become batched matmuls. Returns K unreplicated
+    states (params, batch_stats, opt_state; comp_state stacked per device).
+    """
+    masks = np.asarray(masks, bool)
+    k = len(masks)
+    if k < 1 or len(seeds) != k:
+        raise ValueError(f"fit_many needs one seed per mask, got {len(seeds)} seeds for {k} masks.")
+    optimizer = optimizer or optax.sgd(0.05, momentum=0.9)
+    n_global, n_local = jax.device_count(), jax.local_device_count()
+    per_device = check_batch(global_batch, n_global)
+    if global_batch > masks.sum(1).min():
+        raise ValueError(f"global batch {global_batch} exceeds the smallest training subset ({masks.sum(1).min()}).")
+    states = [init_state(model, optimizer, compressor, x_train.shape[1:], int(s)) for s in seeds]
+    state = replicate(jax.tree.map(lambda *xs: jnp.stack(xs), *states), n_local)
+    run = pmap_step(jax.vmap(make_step(model, optimizer, compressor)))
+    subsets = [np.flatnonzero(m) for m in masks]
+    lo = jax.process_index() * n_local * per_device
+    iters = [None] * k
+    epochs = [0] * k
+    bar = _progress(steps, progress and jax.process_index() == 0)
+    for _ in range(steps):
+        xs, ys = [], []
+        for j in range(k):
+            batch = next(iters[j], None) if iters[j] is not None else None
+            if batch is None:
+                iters[j] = data_lib.batches(subsets[j], subsets[j], global_batch, int(seeds[j]), epochs[j])
+                epochs[j] += 1
+                batch = next(iters[j])
+            idx = batch[0][lo:lo + n_local * per_device]
+            xb, yb = shard_batch(x_train[idx], y_train[idx], n_local)
+            xs.append(xb)
+            ys.append(yb)
+        state, metrics = run(state, np.stack(xs, 1), np.stack(ys, 1))
+        bar.update(1)
+    bar.close()
+    if int(np.asarray(metrics["nonfinite_steps"]).max()) > 0:
+        raise FloatingPointError("a worker's gradient had NaN/Inf while training several models; "
+                                 "lower the learning rate or check the input data.")
+    first = unreplicate(state)
+    return [TrainState(jax.tree.map(lambda a: a[j], first.params), jax.tree.map(lambda a: a[j], first.batch_stats),
+                       jax.tree.map(lambda a: a[j], first.opt_state),
+                       jax.tree.map(lambda a: a[:, j], state.comp_state)) for j in range(k)]
