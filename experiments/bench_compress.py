@@ -103,12 +103,9 @@ def main(argv):
     for r in rows:
         lines.append(f"| {r['spec']} | {r['step']:.3f} | {r['step'] / base['step']:.2f} | {r['reduce']:.4f} | "
                      f"{r['words']} | {r['analytic']} | {r['bn']} | {r['words'] / base['words']:.4f} |")
-    table = "\n".join(lines)
-    print(table)
-    if FLAGS.out:
-        from trustsgd_jax import results
+    from trustsgd_jax import results
 
-        results.write_atomic(FLAGS.out, table + "\n")
+    results.write_table("\n".join(lines), FLAGS.out)
 
 
 if __name__ == "__main__":

@@ -83,12 +83,9 @@ def main(argv):
     for r in rows:
         lines.append(f"| {r['impl']} | {r['n']} | {r['its']:.2f} | {r['agg']:.2f} | {r['agg'] / single[r['impl']]:.2f}x"
                      f" | {r['agg'] / best_single:.2f}x | {r['compile']:.1f} | {r['mem']:.0f} |")
-    table = "\n".join(lines)
-    print(table)
-    if FLAGS.out:
-        from trustsgd_jax import results
+    from trustsgd_jax import results
 
-        results.write_atomic(FLAGS.out, table + "\n")
+    results.write_table("\n".join(lines), FLAGS.out)
 
 
 if __name__ == "__main__":

@@ -77,12 +77,9 @@ def main(argv):
     for r in rows:
         lines.append(f"| {r['model']} | {r['impl']} | {r['seq']:.0f} | {r['many']:.0f} | {r['many'] / r['seq']:.2f}x | "
                      f"{r['score']:.0f} |")
-    table = "\n".join(lines)
-    print(table)
-    if FLAGS.out:
-        from trustsgd_jax import results
+    from trustsgd_jax import results
 
-        results.write_atomic(FLAGS.out, table + "\n")
+    results.write_table("\n".join(lines), FLAGS.out)
 
 
 if __name__ == "__main__":

@@ -213,10 +213,7 @@ def figure1(gradinv_records, workdir, path):
             row += 1
     fig.suptitle("Gradient inversion from each worker's message (observed attacker)", fontsize=7)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=150)
-    plt.close(fig)
-    results.write_atomic(path, buf.getvalue())
+    results.save_figure(fig, path, dpi=150)
     return True
 
 
@@ -244,10 +241,7 @@ def ssim_vs_compression(rows, path):
         ax.set(xscale="log", xlabel="32-bit words on the wire per worker and step", ylabel="mean SSIM", title=d)
         ax.legend(fontsize=6)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=130)
-    plt.close(fig)
-    results.write_atomic(path, buf.getvalue())
+    results.save_figure(fig, path, dpi=130)
     return True
 
 

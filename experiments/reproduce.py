@@ -171,9 +171,7 @@ def main(argv):
     import numpy as np
 
     from experiments import report
-    from trustsgd_jax import compress, data, models, results, train
-    from trustsgd_jax.attacks import gradinv
-    from trustsgd_jax.attacks import membership as mia
+    from trustsgd_jax import data, results
 
     apply_preset()
     try:

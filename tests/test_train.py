@@ -27,8 +27,6 @@ def mnist():
 def _one_step_grads(model_dp, model_single, images, labels):
     """Per-worker averaged gradient from 8 pmapped workers with `none`, and the single-device full-batch one."""
     state = train.init_state(model_dp, optax.sgd(0.0), compress.none(), images.shape[1:], 0)
-    captured = {}
-
     def step(st, x, y):
         def loss_fn(p):
             logits, upd = model_dp.apply({"params": p, "batch_stats": st.batch_stats}, x, train=True,

@@ -129,3 +129,22 @@ def ensure_workdir(workdir: str | os.PathLike) -> pathlib.Path:
     except OSError as e:
         raise ResultsError(f"workdir {str(path)!r} is not writable ({e}); pass --workdir to a writable directory.") from e
     return path
+
+
+def write_table(table: str, path: str | os.PathLike | None = None) -> None:
+    """Prints a benchmark/report table and, if `path` is given, writes it there atomically."""
+    print(table)
+    if path:
+        write_atomic(path, table + "\n")
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 130) -> None:
+    """Saves a matplotlib figure as PNG atomically and closes it."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    write_atomic(path, buf.getvalue())

@@ -295,14 +295,9 @@ def plot_roc(curves: dict, path, title: str = "") -> None:
            ylabel="true positive rate", title=title)
     ax.legend(fontsize=6, loc="lower right")
     fig.tight_layout()
-    import io
-
     from trustsgd_jax import results
 
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    results.write_atomic(path, buf.getvalue())
+    results.save_figure(fig, path, dpi=120)
 
 
 # ---------------------------------------------------------------- target and shadow training
