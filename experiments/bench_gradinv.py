@@ -1,15 +1,21 @@
 r"""Speed of the gradient-inversion attack: iterations per second, compile time, peak memory.
 
     python -m experiments.bench_gradinv                    # ResNet-18, 32x32x3, B = 1
+    python -m experiments.bench_gradinv --conv_impls=xla,patches --iterations=10
     python -m experiments.bench_gradinv --model=convnet --iterations=200
 
 Rows: one attack, and N independent attacks batched in one program (vmap),
-for both convolution implementations (``xla``: native convolutions;
-``patches``: im2col + matmul, which keeps per-example weight gradients as
-batched matmuls under vmap). "aggregate it/s" counts iterations of all
+for each convolution implementation (``patches``: `models.PatchesConv`,
+im2col + matmul, the attack's kernel weight gradients kept factored, see
+`gradinv.Factored`; ``xla``: native convolutions, which XLA:CPU runs slowly
+inside the attack's scan loop). "aggregate it/s" counts iterations of all
 attacks together; "vs sequential" compares the batched aggregate with N
-single attacks run one after another. Peak memory is the process's peak
-resident set size (CPU) or the device's peak bytes in use (GPU).
+single attacks run one after another. "GFLOP/it" is XLA's cost analysis of
+one iteration of all attacks in the row; "GFLOP/s" the rate achieved, to
+set against the measured dense-matmul peak printed below the table: a
+batched row can only beat N sequential attacks by as much as batching
+raises that rate. Peak memory is the process's peak resident set size (CPU)
+or the device's peak bytes in use (GPU).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "resnet18", "convnet | resnet18")
 flags.DEFINE_integer("iterations", 40, "timed attack iterations per configuration (after compiling)")
 flags.DEFINE_integer("batched", 8, "number of independent attacks batched together")
-flags.DEFINE_string("conv_impls", "xla,patches", "convolution implementations to compare")
+flags.DEFINE_string("conv_impls", "patches", "convolution implementations to compare (xla,patches)")
 flags.DEFINE_string("out", None, "also write the table to this Markdown file")
 
 
@@ -35,6 +41,20 @@ def _peak_mb():
     if stats and "peak_bytes_in_use" in stats:
         return stats["peak_bytes_in_use"] / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _matmul_gflops(n: int = 2048) -> float:
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (n, n))
+    mm = jax.jit(lambda a, b: a @ b)
+    jax.block_until_ready(mm(a, a))
+    t0 = time.perf_counter()
+    for _ in range(10):
+        out = mm(a, a)
+    jax.block_until_ready(out)
+    return 2 * n**3 * 10 / (time.perf_counter() - t0) / 1e9
 
 
 def main(argv):
@@ -71,18 +91,22 @@ def main(argv):
             t0 = time.perf_counter()
             jax.block_until_ready(chunk(xs, st, msg, y, FLAGS.iterations))
             run = time.perf_counter() - t0
+            gflop = chunk.lower(xs, st, msg, y, 1).compile().cost_analysis()["flops"] / 1e9
             rows.append(dict(impl=impl, n=n, its=FLAGS.iterations / run, agg=n * FLAGS.iterations / run,
-                             compile=compile_and_first - run, mem=_peak_mb()))
+                             compile=compile_and_first - run, mem=_peak_mb(), gflop=gflop,
+                             rate=gflop * FLAGS.iterations / run))
             print(rows[-1], flush=True)
     single = {r["impl"]: r["agg"] for r in rows if r["n"] == 1}
     best_single = max(single.values())
     lines = [f"Gradient inversion speed, {FLAGS.model} 32x32x3, B = 1, {jax.devices()[0].platform} "
              f"({jax.devices()[0].device_kind})", "",
              "| conv | attacks | it/s per attack | aggregate it/s | vs sequential (same conv) | vs best single | "
-             "compile s | peak MB |", "|---|---|---|---|---|---|---|---|"]
+             "GFLOP/it | GFLOP/s | compile s | peak MB |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['impl']} | {r['n']} | {r['its']:.2f} | {r['agg']:.2f} | {r['agg'] / single[r['impl']]:.2f}x"
-                     f" | {r['agg'] / best_single:.2f}x | {r['compile']:.1f} | {r['mem']:.0f} |")
+                     f" | {r['agg'] / best_single:.2f}x | {r['gflop']:.2f} | {r['rate']:.0f} | {r['compile']:.1f}"
+                     f" | {r['mem']:.0f} |")
+    lines += ["", f"Dense fp32 matmul peak, 2048x2048: {_matmul_gflops():.0f} GFLOP/s."]
     from trustsgd_jax import results
 
     results.write_table("\n".join(lines), FLAGS.out)

@@ -47,6 +47,47 @@ def test_adaptive_attacker_does_at_least_as_well_on_topk(ssim_by_setting):
         ssim_by_setting
 
 
+def test_factored_gradients_equal_plain_autodiff(cifar):
+    """The attack's objective keeps convolution weight gradients as P^T D: same values, same input gradient."""
+    ds = cifar[0]
+    model = models.make_model("resnet18", 10, norm="batch", conv_impl="patches", width=8)
+    variables = models.init_variables(model, jax.random.key(1), (32, 32, 3))
+    x, y = data.normalize(ds.x_train[:2], "cifar10"), jnp.asarray(ds.y_train[:2].astype(np.int32))
+    plain = jax.tree.leaves(gradinv.param_grads(model, variables, x, y))
+    factored = gradinv.factored_param_grads(model, variables, x, y)
+    routes = set()
+    for p, f in zip(plain, factored):
+        if isinstance(f, gradinv.Factored):
+            rows, k, c = f.patches.size // f.patches.shape[-1], f.patches.shape[-1], f.cotangent.shape[-1]
+            routes.add(rows * (k + c) < k * c)  # True: the Gram route
+            f = f.dense(p.shape)
+        np.testing.assert_allclose(f, p, rtol=1e-4, atol=1e-6)
+    assert routes == {True, False}, "both the Gram and the explicit route should be exercised"
+    # A target from other images; the linear weights make the tensor order matter.
+    target = jax.tree.leaves(gradinv.param_grads(model, variables, x[::-1] + 0.5, y))
+    w = gradinv.tensor_weights(len(target), "linear")
+    loss_plain = lambda z: gradinv.cosine_distance(jax.tree.leaves(gradinv.param_grads(model, variables, z, y)),
+                                                   target, w)
+    loss_factored = lambda z: gradinv.cosine_distance(gradinv.factored_param_grads(model, variables, z, y), target, w)
+    np.testing.assert_allclose(loss_factored(x), loss_plain(x), rtol=1e-5)
+    g_plain, g_factored = jax.grad(loss_plain)(x), jax.grad(loss_factored)(x)
+    assert float(jnp.linalg.norm(g_factored - g_plain) / jnp.linalg.norm(g_plain)) < 1e-4
+
+
+def test_native_and_patches_models_are_the_same_model(cifar):
+    ds = cifar[0]
+    x = data.normalize(ds.x_train[:2], "cifar10")
+    for name, width in (("convnet", 32), ("resnet18", 8)):
+        native = models.make_model(name, 10, norm="batch", conv_impl="xla", width=width)
+        patches = models.make_model(name, 10, norm="batch", conv_impl="patches", width=width)
+        v_native = models.init_variables(native, jax.random.key(0), (32, 32, 3))
+        v_patches = models.init_variables(patches, jax.random.key(0), (32, 32, 3))
+        assert jax.tree.structure(v_native) == jax.tree.structure(v_patches)  # checkpoints interchange
+        for a, b in zip(jax.tree.leaves(v_native), jax.tree.leaves(v_patches)):
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(patches.apply(v_native, x), native.apply(v_native, x), rtol=1e-4, atol=1e-5)
+
+
 def test_adaptive_powersgd_matches_projected_gradient(cifar):
     ds, model, variables = cifar
     x, y = data.normalize(ds.x_train[:1], "cifar10"), ds.y_train[:1]

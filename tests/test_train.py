@@ -171,3 +171,32 @@ def test_fit_many_trains_the_same_models_as_sequential_fits(mnist):
         one = train.fit(model, c, x[masks[k]], y[masks[k]], steps=6, global_batch=64, seed=seed, progress=False)
         for a, b in zip(jax.tree.leaves(many[k].params), jax.tree.leaves(one.state.params)):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("h,cin,cout,k,stride,padding", [
+    (8, 3, 16, 3, 1, ((1, 1), (1, 1))),  # the ResNet stem / 3x3 convs
+    (8, 16, 32, 3, 2, ((1, 1), (1, 1))),  # strided 3x3
+    (8, 16, 32, 1, 2, ((0, 0), (0, 0))),  # 1x1 shortcut
+    (9, 4, 5, 3, 2, "SAME"),
+    (7, 4, 5, 3, 1, "VALID"),
+])
+def test_patches_conv_equals_native_conv_to_second_order(h, cin, cout, k, stride, padding):
+    kx, kw = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(kx, (2, h, h, cin))
+    w = jax.random.normal(kw, (k, k, cin, cout))
+
+    def native(x, w):
+        return jax.lax.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                            precision="highest")
+
+    def patches(x, w):
+        return models.patches_conv(x, w, (stride, stride), padding, precision="highest")
+
+    np.testing.assert_allclose(patches(x, w), native(x, w), rtol=1e-5, atol=1e-4)
+
+    # The attack differentiates the weight gradient w.r.t. the input: compare that mixed second derivative.
+    def weight_grad_norm(conv):
+        return lambda x: jnp.sum(jax.grad(lambda w: jnp.sum(jnp.sin(conv(x, w))))(w) ** 2)
+
+    np.testing.assert_allclose(jax.grad(weight_grad_norm(patches))(x), jax.grad(weight_grad_norm(native))(x),
+                               rtol=1e-4, atol=1e-2)

@@ -29,29 +29,81 @@ NORMS = ("batch", "batch_local", "group", "none")
 CONV_IMPLS = ("xla", "patches")
 
 
+def im2col(x, kernel_size, strides, padding):
+    """[N, H, W, C] -> patches [N, H', W', kh*kw*C] in the (kh, kw, C) order of a flax kernel.
+
+    Gathered by strided slices: pure data movement, whose adjoint is a pad.
+    """
+    kh, kw = kernel_size
+    sh, sw = strides
+    if isinstance(padding, str):
+        padding = jax.lax.padtype_to_pads(x.shape[1:3], (kh, kw), strides, padding)
+    x = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+    h, w = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
+    cols = [x[:, i:i + (h - 1) * sh + 1:sh, j:j + (w - 1) * sw + 1:sw, :] for i in range(kh) for j in range(kw)]
+    return cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
+
+
 def patches_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                  dimension_numbers=None, feature_group_count=1, precision=None, **unused):
     """A convolution as im2col + matmul, numerically the same as ``lax.conv_general_dilated``.
 
-    Used for gradient inversion: under ``vmap`` over attacks, per-example
-    *weight* gradients of a native convolution become grouped convolutions,
-    slow on CPU; here they are batched matmuls. Parameters are unchanged
-    (flax kernels (kh, kw, cin, cout)).
+    Why: gradient inversion differentiates the weight gradient once more.
+    XLA:CPU runs native weight-gradient convolutions inside a ``while`` loop
+    (the attack's ``lax.scan`` chunks) through its slow generic emitter (~4x
+    slower than outside a loop, measured on ResNet-18), and under ``vmap``
+    over attacks they become grouped convolutions, slower still. As matmuls
+    over patches, every convolution and every derivative of it runs in the
+    fast dot kernels. Same argument order as ``lax.conv_general_dilated``.
     """
     if feature_group_count != 1:
         raise NotImplementedError("patches_conv supports feature_group_count == 1 only")
+    if any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))):
+        raise NotImplementedError("patches_conv supports undilated convolutions only")
     kh, kw, cin, cout = rhs.shape
-    patches = jax.lax.conv_general_dilated_patches(
-        lhs, (kh, kw), window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
-        dimension_numbers=("NHWC", "OIHW", "NHWC"), precision=precision)
-    # Patch features come channel-major: (cin, kh, kw).
-    kernel = jnp.transpose(rhs, (2, 0, 1, 3)).reshape(cin * kh * kw, cout)
-    return jnp.einsum("nhwk,ko->nhwo", patches, kernel, precision=precision)
+    patches = im2col(lhs, (kh, kw), window_strides, padding)
+    return jnp.einsum("nhwk,ko->nhwo", patches, rhs.reshape(kh * kw * cin, cout), precision=precision)
+
+
+class PatchesConv(nn.Module):
+    """``nn.Conv`` (same parameters, names and initialisers) computed by `patches_conv`.
+
+    When the ``"factors"`` collection is mutable (the attack asks for it) the
+    layer also sows its patches P and adds a zero ``"perturbations"`` probe to
+    its output z = P W, so ``jax.grad`` w.r.t. the probe gives D = dL/dz. The
+    weight gradient is then P^T D, which the attack never needs to form
+    (see ``attacks.gradinv.Factored``).
+    """
+
+    features: int
+    kernel_size: Sequence[int]
+    strides: Any = 1
+    padding: Any = "SAME"
+    use_bias: bool = True
+    kernel_init: Any = nn.initializers.lecun_normal()
+    bias_init: Any = nn.initializers.zeros_init()
+
+    @nn.compact
+    def __call__(self, x):
+        kh, kw = self.kernel_size
+        strides = (self.strides, self.strides) if isinstance(self.strides, int) else tuple(self.strides)
+        padding = self.padding
+        if isinstance(padding, int):
+            padding = ((padding, padding), (padding, padding))
+        kernel = self.param("kernel", self.kernel_init, (kh, kw, x.shape[-1], self.features))
+        patches = im2col(x, (kh, kw), strides, padding)
+        y = jnp.einsum("nhwk,ko->nhwo", patches, kernel.reshape(-1, self.features))
+        if self.is_mutable_collection("factors") and not self.is_initializing():
+            self.sow("factors", "patches", patches)
+            y = self.perturb("out", y)
+        if self.use_bias:
+            y = y + self.param("bias", self.bias_init, (self.features,))
+        return y
 
 
 def _conv(impl: str):
     if impl == "patches":
-        return functools.partial(nn.Conv, conv_general_dilated=patches_conv)
+        return PatchesConv
     if impl == "xla":
         return nn.Conv
     raise ValueError(f"unknown conv_impl {impl!r}; use one of {CONV_IMPLS}.")
@@ -96,7 +148,8 @@ class ConvNet(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         for i, (features, stride) in enumerate(((self.width, 1), (2 * self.width, 2), (2 * self.width, 2))):
-            x = _conv(self.conv_impl)(features, (3, 3), strides=stride, padding=1, use_bias=self.norm == "none")(x)
+            x = _conv(self.conv_impl)(features, (3, 3), strides=stride, padding=1, use_bias=self.norm == "none",
+                                     name=f"Conv_{i}")(x)
             x = Norm(self.norm, self.axis_name, name=f"norm{i}")(x, train)
             x = nn.relu(x)
         x = x.reshape(x.shape[0], -1)
