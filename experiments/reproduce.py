@@ -259,11 +259,7 @@ def run_gradinv_unit(u, ds, model, variables, workdir):
     c = compress.from_spec(u["compressor"], variables["params"], seed=u["seed"])
     state = None
     if u["attack_step"] > 0:
-        dp_model = train_model_for_step(u, ds)
-        fitted = train.fit(dp_model, c, data.normalize(ds.x_train, ds.name), ds.y_train, steps=u["attack_step"],
-                           global_batch=FLAGS.batch_size, seed=u["seed"], progress=False)
-        variables = {"params": fitted.state.params, "batch_stats": fitted.state.batch_stats}
-        state = jax.tree.map(lambda s: s[0], fitted.state.comp_state)  # the victim is worker 0
+        variables, state = trained_victim(u, ds, c)
     cfg = gradinv.AttackConfig(iterations=u["iterations"], restarts=u["restarts"], tv=u["tv"],
                                chunk=min(100, u["iterations"]), parallel=len(ids) // b * u["restarts"],
                                seed=u["seed"])
@@ -283,10 +279,30 @@ def run_gradinv_unit(u, ds, model, variables, workdir):
                 recon=str(recon))
 
 
-def train_model_for_step(u, ds):
-    from trustsgd_jax import models, train
+_VICTIMS = {}
 
-    return models.make_model(u["model"], ds.num_classes, norm="batch", axis_name=train.AXIS)
+
+def trained_victim(u, ds, compressor):
+    """(variables, worker 0's compressor state) after `attack_step` steps of compressed training.
+
+    Trained once per (dataset, compressor, step, ...) and shared by every
+    threat model and image group that attacks it; a resumed run retrains it
+    once (training is seeded, so the victim is the same).
+    """
+    import jax
+
+    from trustsgd_jax import data, models, train
+
+    key = (u["dataset"], u["compressor"], u["attack_step"], u["model"], u["seed"], FLAGS.batch_size)
+    if key not in _VICTIMS:
+        dp_model = models.make_model(u["model"], ds.num_classes, norm="batch", axis_name=train.AXIS)
+        fitted = train.fit(dp_model, compressor, data.normalize(ds.x_train, ds.name), ds.y_train,
+                           steps=u["attack_step"], global_batch=FLAGS.batch_size, seed=u["seed"], progress=False)
+        _VICTIMS[key] = ({"params": fitted.state.params, "batch_stats": fitted.state.batch_stats},
+                         jax.tree.map(lambda s: s[0], fitted.state.comp_state))  # the victim is worker 0
+        if jax.process_index() == 0:
+            print(f"trained the victim for {u['dataset']} {u['compressor']} to step {u['attack_step']}", flush=True)
+    return _VICTIMS[key]
 
 
 def run_mia_unit(u, ds, workdir):

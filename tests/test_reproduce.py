@@ -59,6 +59,17 @@ def test_tiny_run_writes_every_report_and_tables_parse_back(full_run):
     assert "SSIM" in stdout and "4 units" in stdout
 
 
+def test_attack_at_step_t_trains_each_victim_once(tmp_path):
+    out = reproduce(tmp_path, "--attack_step=2", "--compressors=powersgd:1", "--threat_models=observed,adaptive",
+                    "--images=2", "--group=1", "--mia=false")
+    assert out.returncode == 0, out.stdout + out.stderr
+    # Four units (two threat models x two image groups) attack the same trained victim.
+    assert out.stdout.count("trained the victim for mnist powersgd:1 to step 2") == 1, out.stdout
+    recs = [json.loads(line) for line in lines(tmp_path / "results.jsonl")]
+    assert len(recs) == 4 and {r["attack_step"] for r in recs} == {2}
+    assert all(np.isfinite(r["ssim"]).all() for r in recs)
+
+
 def test_killed_run_resumes_to_the_same_results(full_run, tmp_path):
     workdir, _ = full_run
     proc = subprocess.Popen([sys.executable, "-m", "experiments.reproduce", "--preset=tiny",
