@@ -52,6 +52,14 @@ random-normal start, several restarts of which the one with the lowest final
 matching loss wins. The iterations run in ``lax.scan`` chunks (a progress bar
 reports between chunks) and independent attacks (images, restarts) are
 batched with ``vmap`` in one program.
+
+Speed (measured, ``experiments/bench_gradinv.py``): the attack runs this
+package's models with ``conv_impl="patches"`` (`models.PatchesConv`, the
+same parameters; `invert_gradients` switches them itself): XLA:CPU runs native weight-gradient convolutions inside the
+scan loop through a slow generic emitter. For the observed attacker the
+convolution kernels' gradients stay factored (`Factored`), which removes
+the weight-sized tensors the second derivative would otherwise write for
+each attack.
 """
 
 from __future__ import annotations
@@ -333,8 +341,8 @@ def _make_attack_fns(model, variables, threat, config, lo, hi, n_tensors, width=
         return x, opt_state, losses[-1]
 
     if (config.parallel if width is None else width) == 1:
-        # One attack: no vmap. vmap of width 1 still rewrites every matmul as
-        # a batched one, measured 25% slower on ResNet-18 (XLA:CPU).
+        # One attack: no vmap. A width-1 vmap still rewrites every matmul as a
+        # batched one: ResNet-18 ran at 6.5 instead of 8.4 it/s (XLA:CPU).
         def one(f):
             def g(*args):
                 out = f(*jax.tree.map(lambda t: t[0], args[:4]), *args[4:])
@@ -412,6 +420,8 @@ def invert_gradients(model, variables, messages: list, labels, image_shape, data
     """
     for m in messages:
         check_message(m, variables["params"])
+    if getattr(model, "conv_impl", None) == "xla":  # our models: the same model, fast to attack (see above)
+        model = model.clone(conv_impl="patches")
     labels = np.asarray(labels, np.int32)
     n, b = labels.shape
     lo, hi = (jnp.asarray(v, jnp.float32) for v in data_lib.pixel_bounds(dataset))
