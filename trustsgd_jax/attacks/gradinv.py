@@ -55,8 +55,9 @@ batched with ``vmap`` in one program.
 
 Speed (measured, ``experiments/bench_gradinv.py``): the attack runs this
 package's models with ``conv_impl="patches"`` (`models.PatchesConv`, the
-same parameters; `invert_gradients` switches them itself): XLA:CPU runs native weight-gradient convolutions inside the
-scan loop through a slow generic emitter. For the observed attacker the
+same parameters; `invert_gradients` switches them itself), because XLA:CPU
+runs native weight-gradient convolutions inside the scan loop through a
+slow generic emitter. For the observed attacker the
 convolution kernels' gradients stay factored (`Factored`), which removes
 the weight-sized tensors the second derivative would otherwise write for
 each attack.
