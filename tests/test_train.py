@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -181,22 +182,19 @@ def test_fit_many_trains_the_same_models_as_sequential_fits(mnist):
     (7, 4, 5, 3, 1, "VALID"),
 ])
 def test_patches_conv_equals_native_conv_to_second_order(h, cin, cout, k, stride, padding):
-    kx, kw = jax.random.split(jax.random.key(0))
-    x = jax.random.normal(kx, (2, h, h, cin))
-    w = jax.random.normal(kw, (k, k, cin, cout))
+    x = jax.random.normal(jax.random.key(0), (2, h, h, cin))
+    kw = dict(features=cout, kernel_size=(k, k), strides=stride, padding=padding, use_bias=True)
+    native, patches = nn.Conv(**kw, precision="highest"), models.PatchesConv(**kw)
+    params = native.init(jax.random.key(1), x)
+    params = jax.tree.map(lambda p: p + 0.1, params)  # a non-zero bias
+    assert jax.tree.structure(patches.init(jax.random.key(1), x)) == jax.tree.structure(params)
+    with jax.default_matmul_precision("highest"):
+        np.testing.assert_allclose(patches.apply(params, x), native.apply(params, x), rtol=1e-5, atol=1e-4)
 
-    def native(x, w):
-        return jax.lax.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                            precision="highest")
+        # The attack differentiates the weight gradient w.r.t. the input: compare that mixed second derivative.
+        def weight_grad_norm(layer):
+            return lambda x: sum(jnp.sum(g ** 2) for g in jax.tree.leaves(
+                jax.grad(lambda p: jnp.sum(jnp.sin(layer.apply(p, x))))(params)))
 
-    def patches(x, w):
-        return models.patches_conv(x, w, (stride, stride), padding, precision="highest")
-
-    np.testing.assert_allclose(patches(x, w), native(x, w), rtol=1e-5, atol=1e-4)
-
-    # The attack differentiates the weight gradient w.r.t. the input: compare that mixed second derivative.
-    def weight_grad_norm(conv):
-        return lambda x: jnp.sum(jax.grad(lambda w: jnp.sum(jnp.sin(conv(x, w))))(w) ** 2)
-
-    np.testing.assert_allclose(jax.grad(weight_grad_norm(patches))(x), jax.grad(weight_grad_norm(native))(x),
-                               rtol=1e-4, atol=1e-2)
+        np.testing.assert_allclose(jax.grad(weight_grad_norm(patches))(x), jax.grad(weight_grad_norm(native))(x),
+                                   rtol=1e-4, atol=1e-2)

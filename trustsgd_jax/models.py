@@ -18,7 +18,6 @@ how attacks apply the model.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -44,9 +43,8 @@ def im2col(x, kernel_size, strides, padding):
     return cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
 
 
-def patches_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                 dimension_numbers=None, feature_group_count=1, precision=None, **unused):
-    """A convolution as im2col + matmul, numerically the same as ``lax.conv_general_dilated``.
+class PatchesConv(nn.Module):
+    """``nn.Conv`` (same parameters, names and initialisers) as im2col + matmul.
 
     Why: gradient inversion differentiates the weight gradient once more.
     XLA:CPU runs native weight-gradient convolutions inside a ``while`` loop
@@ -54,19 +52,7 @@ def patches_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilat
     slower than outside a loop, measured on ResNet-18), and under ``vmap``
     over attacks they become grouped convolutions, slower still. As matmuls
     over patches, every convolution and every derivative of it runs in the
-    fast dot kernels. Same argument order as ``lax.conv_general_dilated``.
-    """
-    if feature_group_count != 1:
-        raise NotImplementedError("patches_conv supports feature_group_count == 1 only")
-    if any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))):
-        raise NotImplementedError("patches_conv supports undilated convolutions only")
-    kh, kw, cin, cout = rhs.shape
-    patches = im2col(lhs, (kh, kw), window_strides, padding)
-    return jnp.einsum("nhwk,ko->nhwo", patches, rhs.reshape(kh * kw * cin, cout), precision=precision)
-
-
-class PatchesConv(nn.Module):
-    """``nn.Conv`` (same parameters, names and initialisers) computed by `patches_conv`.
+    fast dot kernels. Undilated, ungrouped convolutions only.
 
     When the ``"factors"`` collection is mutable (the attack asks for it) the
     layer also sows its patches P and adds a zero ``"perturbations"`` probe to
