@@ -95,16 +95,15 @@ def main(argv):
                          analytic=analytic_words(spec, shapes)))
         print(f"{spec}: step {rows[-1]['step']:.3f}s reduce {rows[-1]['reduce']:.3f}s", flush=True)
     base = next((r for r in rows if r["spec"] == "none"), rows[0])
-    lines = [f"ResNet-18 step cost, {n} devices, global batch {FLAGS.batch_size}, {jax.devices()[0].platform}"
-             if FLAGS.model == "resnet18" else f"{FLAGS.model}, {n} devices, global batch {FLAGS.batch_size}",
-             "",
-             "| compressor | step s | x none | reduce s | words/worker/step | analytic | + sync-BN words | wire ratio |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['spec']} | {r['step']:.3f} | {r['step'] / base['step']:.2f} | {r['reduce']:.4f} | "
-                     f"{r['words']} | {r['analytic']} | {r['bn']} | {r['words'] / base['words']:.4f} |")
     from trustsgd_jax import results
 
+    lines = [f"ResNet-18 step cost, {n} devices, global batch {FLAGS.batch_size}, {jax.devices()[0].platform}"
+             if FLAGS.model == "resnet18" else f"{FLAGS.model}, {n} devices, global batch {FLAGS.batch_size}",
+             ""] + results.markdown_table(
+        ["compressor", "step s", "x none", "reduce s", "words/worker/step", "analytic", "+ sync-BN words",
+         "wire ratio"],
+        [[r["spec"], f"{r['step']:.3f}", f"{r['step'] / base['step']:.2f}", f"{r['reduce']:.4f}", r["words"],
+          r["analytic"], r["bn"], f"{r['words'] / base['words']:.4f}"] for r in rows])
     results.write_table("\n".join(lines), FLAGS.out)
 
 

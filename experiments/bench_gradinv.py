@@ -98,16 +98,16 @@ def main(argv):
             print(rows[-1], flush=True)
     single = {r["impl"]: r["agg"] for r in rows if r["n"] == 1}
     best_single = max(single.values())
-    lines = [f"Gradient inversion speed, {FLAGS.model} 32x32x3, B = 1, {jax.devices()[0].platform} "
-             f"({jax.devices()[0].device_kind})", "",
-             "| conv | attacks | it/s per attack | aggregate it/s | vs sequential (same conv) | vs best single | "
-             "GFLOP/it | GFLOP/s | compile s | peak MB |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['impl']} | {r['n']} | {r['its']:.2f} | {r['agg']:.2f} | {r['agg'] / single[r['impl']]:.2f}x"
-                     f" | {r['agg'] / best_single:.2f}x | {r['gflop']:.2f} | {r['rate']:.0f} | {r['compile']:.1f}"
-                     f" | {r['mem']:.0f} |")
-    lines += ["", f"Dense fp32 matmul peak, 2048x2048: {_matmul_gflops():.0f} GFLOP/s."]
     from trustsgd_jax import results
+
+    lines = [f"Gradient inversion speed, {FLAGS.model} 32x32x3, B = 1, {jax.devices()[0].platform} "
+             f"({jax.devices()[0].device_kind})", ""] + results.markdown_table(
+        ["conv", "attacks", "it/s per attack", "aggregate it/s", "vs sequential (same conv)", "vs best single",
+         "GFLOP/it", "GFLOP/s", "compile s", "peak MB"],
+        [[r["impl"], r["n"], f"{r['its']:.2f}", f"{r['agg']:.2f}", f"{r['agg'] / single[r['impl']]:.2f}x",
+          f"{r['agg'] / best_single:.2f}x", f"{r['gflop']:.2f}", f"{r['rate']:.0f}", f"{r['compile']:.1f}",
+          f"{r['mem']:.0f}"] for r in rows])
+    lines += ["", f"Dense fp32 matmul peak, 2048x2048: {_matmul_gflops():.0f} GFLOP/s."]
 
     results.write_table("\n".join(lines), FLAGS.out)
 

@@ -70,15 +70,14 @@ def main(argv):
             rows.append(dict(model=name, impl=impl, seq=k * steps * b / seq, many=k * steps * b / many,
                              score=len(x) / score))
             print(rows[-1], flush=True)
-    lines = [f"Membership inference throughput, {FLAGS.dataset} {x.shape[1:]}, {FLAGS.compressor}, K = {k} models, "
-             f"global batch {b}, {jax.device_count()} {jax.devices()[0].platform} devices", "",
-             "| model | conv | shadow training img/s, sequential | img/s, K at once (fit_many) | speed-up | "
-             "scoring img/s |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['impl']} | {r['seq']:.0f} | {r['many']:.0f} | {r['many'] / r['seq']:.2f}x | "
-                     f"{r['score']:.0f} |")
     from trustsgd_jax import results
 
+    lines = [f"Membership inference throughput, {FLAGS.dataset} {x.shape[1:]}, {FLAGS.compressor}, K = {k} models, "
+             f"global batch {b}, {jax.device_count()} {jax.devices()[0].platform} devices", ""] + results.markdown_table(
+        ["model", "conv", "shadow training img/s, sequential", "img/s, K at once (fit_many)", "speed-up",
+         "scoring img/s"],
+        [[r["model"], r["impl"], f"{r['seq']:.0f}", f"{r['many']:.0f}", f"{r['many'] / r['seq']:.2f}x",
+          f"{r['score']:.0f}"] for r in rows])
     results.write_table("\n".join(lines), FLAGS.out)
 
 

@@ -89,13 +89,13 @@ def table1_markdown(rows, paper_setting: str) -> str:
            "message); 'adaptive' applies the compressor to its dummy gradient. % of SGD = observed SSIM relative to "
            "uncompressed SGD on the same images.", ""]
     for d in sorted({r["dataset"] for r in rows}, key=lambda x: DATASET_ORDER.index(x) if x in DATASET_ORDER else 9):
-        out += [f"## {d}", "", "| algorithm | SSIM mean | std | % of SGD | PSNR dB | adaptive SSIM | words/step | "
-                "wire ratio | images |", "|---|---|---|---|---|---|---|---|---|"]
-        for r in (r for r in rows if r["dataset"] == d):
-            out.append(f"| {_label(r['compressor'])} | {_f(r.get('ssim_mean'), '.4f')} | "
-                       f"{_f(r.get('ssim_std'), '.4f')} | {_f(r.get('pct_of_sgd'), '.2f')}{'%' if 'pct_of_sgd' in r else ''} | "
-                       f"{_f(r.get('psnr_mean'), '.2f')} | {_f(r.get('adaptive_ssim_mean'), '.4f')} | "
-                       f"{r['wire_words']} | {r['wire_ratio']:.4f} | {r['n_images']} |")
+        out += [f"## {d}", ""] + results.markdown_table(
+            ["algorithm", "SSIM mean", "std", "% of SGD", "PSNR dB", "adaptive SSIM", "words/step", "wire ratio",
+             "images"],
+            [[_label(r["compressor"]), _f(r.get("ssim_mean"), ".4f"), _f(r.get("ssim_std"), ".4f"),
+              _f(r.get("pct_of_sgd"), ".2f") + ("%" if "pct_of_sgd" in r else ""), _f(r.get("psnr_mean"), ".2f"),
+              _f(r.get("adaptive_ssim_mean"), ".4f"), r["wire_words"], f"{r['wire_ratio']:.4f}", r["n_images"]]
+             for r in rows if r["dataset"] == d])
         out.append("")
     return "\n".join(out)
 
@@ -125,10 +125,7 @@ def table2_markdown(rows) -> str:
            "TPR at 1% / 0.1% FPR follow Carlini et al. 2022; brackets are 95% bootstrap intervals. The paper's "
            "'cross-entropy MIA' is reported here as the entropy attack; Mentr is Song & Mittal's modified entropy.", ""]
     for d in sorted({r["dataset"] for r in rows}):
-        out += [f"## {d}", "",
-                "| algorithm | confidence acc (oracle / calibrated) | loss acc (oracle / calibrated) | "
-                "entropy acc (oracle / calibrated) | loss AUC | Mentr AUC | LiRA AUC | LiRA TPR@1%FPR | "
-                "LiRA TPR@0.1%FPR | loss TPR@1%FPR |", "|---|---|---|---|---|---|---|---|---|---|"]
+        cells = []
         for r in (r for r in rows if r["dataset"] == d):
             a = r["attacks"]
             lira = a.get("lira_online") or a.get("lira_offline") or {}
@@ -145,9 +142,13 @@ def table2_markdown(rows) -> str:
                 lo_hi = m.get(f"{k}_ci")
                 return f"{m[k]:.3f}" + (f" [{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]" if lo_hi else "")
 
-            out.append(f"| {_label(r['compressor'])} | {acc('confidence')} | {acc('loss')} | {acc('entropy')} | "
-                       f"{ci(a.get('loss'), 'auc')} | {ci(a.get('mentr'), 'auc')} | {ci(lira, 'auc')} | "
-                       f"{ci(lira, 'tpr@1%fpr')} | {ci(lira, 'tpr@0.1%fpr')} | {ci(a.get('loss'), 'tpr@1%fpr')} |")
+            cells.append([_label(r["compressor"]), acc("confidence"), acc("loss"), acc("entropy"),
+                          ci(a.get("loss"), "auc"), ci(a.get("mentr"), "auc"), ci(lira, "auc"), ci(lira, "tpr@1%fpr"),
+                          ci(lira, "tpr@0.1%fpr"), ci(a.get("loss"), "tpr@1%fpr")])
+        out += [f"## {d}", ""] + results.markdown_table(
+            ["algorithm", "confidence acc (oracle / calibrated)", "loss acc (oracle / calibrated)",
+             "entropy acc (oracle / calibrated)", "loss AUC", "Mentr AUC", "LiRA AUC", "LiRA TPR@1%FPR",
+             "LiRA TPR@0.1%FPR", "loss TPR@1%FPR"], cells)
         n = rows[0]["attacks"]["loss"]
         out += ["", f"{n['n_members']} members / {n['n_nonmembers']} non-members per configuration; below "
                 f"1/{n['n_nonmembers']} FPR the TPR is interpolated.", ""]
@@ -157,13 +158,11 @@ def table2_markdown(rows) -> str:
 def utility_markdown(mrows) -> str:
     out = ["# Utility: accuracy and wire cost of each training configuration", "",
            "Test accuracy of the MIA target model (trained on half of the pool) on the held-out half; words and "
-           "bytes one worker puts on the wire per step (gradient message + synchronised BatchNorm statistics).", "",
-           "| dataset | algorithm | test accuracy | words/step | bytes/step | vs uncompressed |",
-           "|---|---|---|---|---|---|"]
-    for r in mrows:
-        w = r["wire"]
-        out.append(f"| {r['dataset']} | {_label(r['compressor'])} | {r['test_accuracy']:.4f} | {w['words']} | "
-                   f"{w['bytes']} | {w['words'] / w['uncompressed_words']:.4f} |")
+           "bytes one worker puts on the wire per step (gradient message + synchronised BatchNorm statistics).", ""]
+    out += results.markdown_table(
+        ["dataset", "algorithm", "test accuracy", "words/step", "bytes/step", "vs uncompressed"],
+        [[r["dataset"], _label(r["compressor"]), f"{r['test_accuracy']:.4f}", r["wire"]["words"], r["wire"]["bytes"],
+          f"{r['wire']['words'] / r['wire']['uncompressed_words']:.4f}"] for r in mrows])
     return "\n".join(out) + "\n"
 
 
@@ -326,21 +325,23 @@ def report_markdown(rows, mrows, setting, paper_match: bool) -> str:
            + ("This run matches that setting." if paper_match else
               "This run does **not** match that setting (smaller model / budget), so compare trends, not values."),
            "", "## Claims", ""] + claims(rows, mrows)
-    out += ["", "## Table 1 beside the paper (SSIM mean, observed attacker)", "",
-            "| dataset | algorithm | this run | paper |", "|---|---|---|---|"]
+    beside = ["dataset", "algorithm", "this run", "paper"]
+    table1 = []
     for r in rows:
         paper = paper_values.TABLE1.get(r["dataset"], {}).get(r["compressor"])
-        out.append(f"| {r['dataset']} | {_label(r['compressor'])} | {_f(r.get('ssim_mean'), '.4f')} | "
-                   f"{f'{paper[0]:.4f} ± {paper[1]:.4f}' if paper else '-'} |")
+        table1.append([r["dataset"], _label(r["compressor"]), _f(r.get("ssim_mean"), ".4f"),
+                       f"{paper[0]:.4f} ± {paper[1]:.4f}" if paper else "-"])
+    out += ["", "## Table 1 beside the paper (SSIM mean, observed attacker)", ""] + results.markdown_table(beside, table1)
     if mrows:
-        out += ["", "## Table 2 beside the paper (oracle accuracy: confidence / loss / entropy)", "",
-                "| dataset | algorithm | this run | paper |", "|---|---|---|---|"]
+        table2 = []
         for r in mrows:
             a = r["attacks"]
             paper = paper_values.TABLE2.get(r["dataset"], {}).get(r["compressor"])
             ours = " / ".join(f"{100 * a[k]['oracle_acc']:.2f}%" for k in ("confidence", "loss", "entropy"))
-            out.append(f"| {r['dataset']} | {_label(r['compressor'])} | {ours} | "
-                       f"{' / '.join(f'{v:.2f}%' for v in paper) if paper else '-'} |")
+            table2.append([r["dataset"], _label(r["compressor"]), ours,
+                           " / ".join(f"{v:.2f}%" for v in paper) if paper else "-"])
+        out += ["", "## Table 2 beside the paper (oracle accuracy: confidence / loss / entropy)", ""] + \
+            results.markdown_table(beside, table2)
     out += ["", "Files: table1.md, table1.csv, figure1.png, ssim_vs_compression.png, table2.md, roc.png, utility.md."]
     return "\n".join(out) + "\n"
 

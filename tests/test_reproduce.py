@@ -147,3 +147,8 @@ def test_append_record_keeps_json_standard(tmp_path):
     results.append_record(tmp_path / "r.jsonl", {"x": float("inf"), "y": np.float32(1.5), "z": np.arange(2)})
     rec = json.loads((tmp_path / "r.jsonl").read_text())
     assert rec == {"x": "inf", "y": 1.5, "z": [0, 1]}
+
+
+def test_markdown_table_lines():
+    assert results.markdown_table(["a", "b"], [[1, ""], ["x", 2.5]]) == [
+        "| a | b |", "|---|---|", "| 1 |  |", "| x | 2.5 |"]

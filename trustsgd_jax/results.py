@@ -131,6 +131,14 @@ def ensure_workdir(workdir: str | os.PathLike) -> pathlib.Path:
     return path
 
 
+def markdown_table(header, rows) -> list[str]:
+    """Lines of a Markdown table: header, separator, one line per row of already formatted cells."""
+    def line(cells):
+        return "| " + " | ".join(str(c) for c in cells) + " |"
+
+    return [line(header), "|" + "---|" * len(header)] + [line(r) for r in rows]
+
+
 def write_table(table: str, path: str | os.PathLike | None = None) -> None:
     """Prints a benchmark/report table and, if `path` is given, writes it there atomically."""
     print(table)
