@@ -14,13 +14,18 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 if "jax" not in sys.modules:
     os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
-import time
+# Imported after XLA_FLAGS is set, because JAX reads it when first imported.
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
 
-from absl import app, flags
+from trustsgd_jax import compress, data, models, results, train  # noqa: E402
+from trustsgd_jax.attacks import membership as mia  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["convnet", "resnet18"], "models to measure")
@@ -34,12 +39,6 @@ flags.DEFINE_string("out", None, "also write the table to this Markdown file")
 
 def main(argv):
     del argv
-    import jax
-    import numpy as np
-
-    from trustsgd_jax import compress, data, models, train
-    from trustsgd_jax.attacks import membership as mia
-
     ds = data.load(FLAGS.dataset)
     x = data.normalize(np.concatenate([ds.x_train, ds.x_test]), ds.name)
     y = np.concatenate([ds.y_train, ds.y_test])
@@ -54,7 +53,7 @@ def main(argv):
             # One compiling step, then the timed steps.
             train.fit(model, c, x[masks[0]], y[masks[0]], steps=1, global_batch=b, progress=False)
             t0 = time.perf_counter()
-            for i, m in enumerate(masks):  # as train_target_and_shadows does with parallel_models=1
+            for i, m in enumerate(masks):  # as shadows.train_target_and_shadows does with parallel_models=1
                 train.fit(model, c, x[m], y[m], steps=steps, global_batch=b, seed=i, progress=False)
             seq = time.perf_counter() - t0
             train.fit_many(model, c, x, y, masks, list(range(k)), steps=1, global_batch=b)
@@ -70,8 +69,6 @@ def main(argv):
             rows.append(dict(model=name, impl=impl, seq=k * steps * b / seq, many=k * steps * b / many,
                              score=len(x) / score))
             print(rows[-1], flush=True)
-    from trustsgd_jax import results
-
     lines = [f"Membership inference throughput, {FLAGS.dataset} {x.shape[1:]}, {FLAGS.compressor}, K = {k} models, "
              f"global batch {b}, {jax.device_count()} {jax.devices()[0].platform} devices", ""] + results.markdown_table(
         ["model", "conv", "shadow training img/s, sequential", "img/s, K at once (fit_many)", "speed-up",

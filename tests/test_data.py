@@ -48,6 +48,13 @@ def test_unknown_missing_and_corrupt_inputs_get_clear_errors(tmp_path):
              x_test=np.zeros((1, 32, 32, 3), np.uint8), y_test=np.zeros(1))
     with pytest.raises(data.DataError, match="must be uint8"):
         data.load("cifar100", data_dir=tmp_path)
+    # Train and test images of different shapes: refused at load, naming both arrays and their shapes.
+    np.savez(tmp_path / "cifar100.npz", x_train=np.zeros((2, 28, 28), np.uint8), y_train=np.zeros(2),
+             x_test=np.zeros((1, 32, 32, 3), np.uint8), y_test=np.zeros(1))
+    with pytest.raises(data.DataError, match=r"x_train images have shape \(28, 28, 1\) but x_test images "
+                                             r"\(32, 32, 3\).*re-export") as e:
+        data.load("cifar100", data_dir=tmp_path)
+    assert "\n" not in str(e.value)  # one line
 
 
 def test_pickled_npz_is_refused(tmp_path):

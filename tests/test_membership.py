@@ -1,10 +1,13 @@
-"""Membership inference: real overfit models leak, unseen ones do not, metrics and errors are right."""
+"""Membership inference: real overfit models leak, unseen ones do not, scores are exact, errors are clear."""
+
+import decimal
 
 import numpy as np
 import pytest
 
-from trustsgd_jax import compress, data, models, train
+from trustsgd_jax import compress, data, metrics, models, train
 from trustsgd_jax.attacks import membership as mia
+from trustsgd_jax.attacks import shadows
 
 
 def _pool():
@@ -20,8 +23,8 @@ def _model():
 @pytest.fixture(scope="module")
 def overfit():
     x, y = _pool()
-    setup = mia.train_target_and_shadows(x, y, model_fn=_model, compressor_spec="none", num_shadows=6,
-                                         steps=200, global_batch=64, seed=0)
+    setup = shadows.train_target_and_shadows(x, y, model_fn=_model, compressor_spec="none", num_shadows=6,
+                                             steps=200, global_batch=64, seed=0)
     report = mia.evaluate_membership(setup.target_predict, x, y, setup.is_member,
                                      shadow_predicts=setup.shadow_predicts, shadow_in=setup.shadow_in,
                                      augment="flip", bootstrap=50)
@@ -29,7 +32,7 @@ def overfit():
 
 
 def test_loss_attack_beats_chance_and_lira_beats_loss_at_low_fpr(overfit):
-    setup, report = overfit
+    _, report = overfit
     t = report.table
     assert t["loss"]["auc"] > 0.6, t["loss"]
     assert t["lira_online"]["tpr@1%fpr"] > t["loss"]["tpr@1%fpr"], (t["lira_online"], t["loss"])
@@ -59,28 +62,6 @@ def test_model_that_never_saw_the_members_is_at_chance():
         assert abs(m["auc"] - 0.5) < 0.05, (name, m["auc"])
 
 
-def test_roc_points_auc_and_tpr_by_hand():
-    s = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
-    m = np.array([1, 1, 0, 1, 0, 0], bool)
-    fpr, tpr, _ = mia.roc_curve(s, m)
-    np.testing.assert_allclose(fpr, [0, 0, 0, 1 / 3, 1 / 3, 2 / 3, 1])
-    np.testing.assert_allclose(tpr, [0, 1 / 3, 2 / 3, 2 / 3, 1, 1, 1])
-    assert mia.auc(s, m) == pytest.approx(8 / 9)  # 8 of 9 member/non-member pairs ordered right
-    assert mia.auc(m.astype(float), m) == 1.0
-    assert mia.auc(-m.astype(float), m) == 0.0
-    assert mia.auc(np.zeros(6), m) == 0.5  # all tied: the diagonal
-    # The curve runs (0, 2/3) -> (1/3, 2/3) -> (1/3, 1): flat in between.
-    assert mia.tpr_at_fpr(s, m, 1 / 6) == pytest.approx(2 / 3)
-    # A member and a non-member tied at 0.5: a diagonal segment, interpolated linearly.
-    tie_s, tie_m = np.array([0.9, 0.5, 0.5, 0.1]), np.array([1, 1, 0, 0], bool)
-    assert mia.tpr_at_fpr(tie_s, tie_m, 0.25) == pytest.approx(0.75)
-    assert mia.tpr_at_fpr(s, m, 0.0) == pytest.approx(2 / 3)
-    big = np.r_[np.ones(1000), np.zeros(1000)].astype(bool)
-    assert mia.tpr_at_fpr(np.r_[np.ones(1000), np.linspace(0, 0.5, 1000)], big, 0.001) == 1.0
-    acc, thr = mia.best_balanced_accuracy(s, m)
-    assert acc == pytest.approx((1 + 2 / 3) / 2) and thr == 0.6
-
-
 def test_logit_scaled_confidence_is_finite_at_saturation():
     logits = np.array([[200.0, -200.0, 0.0], [-200.0, 200.0, 0.0], [0.0, 0.0, 0.0]], np.float32)
     phi = mia.logit_scaled_confidence(logits, np.array([0, 0, 2]))
@@ -89,6 +70,43 @@ def test_logit_scaled_confidence_is_finite_at_saturation():
     np.testing.assert_allclose(phi[2], np.log((1 / 3) / (2 / 3)), rtol=1e-5)
     scores = mia.membership_scores(logits, np.array([0, 0, 2]))
     assert all(np.isfinite(v).all() for v in scores.values())
+
+
+def _reference_scores(row, label):
+    """Every score of one example from the definitions, in 80-digit decimal arithmetic."""
+    with decimal.localcontext(decimal.Context(prec=80)):
+        z = [decimal.Decimal(float(v)) for v in row]  # the float32 logits, exactly
+        lse = sum(v.exp() for v in z).ln()
+        logp = [v - lse for v in z]
+        p = [v.exp() for v in logp]
+        mentr = -(1 - p[label]) * logp[label] - sum(p[i] * (1 - p[i]).ln() for i in range(len(z)) if i != label)
+        phi = z[label] - sum(z[i].exp() for i in range(len(z)) if i != label).ln()
+        return {"confidence": max(logp), "loss": logp[label], "entropy": sum(a * b for a, b in zip(p, logp)),
+                "mentr": -mentr, "phi": phi}
+
+
+def test_scores_of_confident_predictions_keep_their_order():
+    """Margins 20..60 in float32 logits: direct float32 (or float64) softmax rounds p_y to 1 and ties the scores.
+
+    A confident member is told from a confident non-member only by how
+    confident each is, so every score must stay strictly ordered with the
+    margin and match the exact value, not collapse onto log p_y = 0, p_max = 1.
+    """
+    others = np.linspace(-3.0, 3.0, 9)
+    margins = np.linspace(20.0, 60.0, 21)
+    right = np.array([np.r_[others.max() + d, others] for d in margins], np.float32)  # label 0 is the top class
+    wrong = right[::4]  # the same logits labelled 1, the least probable class: confidently misclassified
+    logits = np.concatenate([right, wrong])
+    labels = np.r_[np.zeros(len(right), int), np.ones(len(wrong), int)]
+    scores = mia.membership_scores(logits, labels)
+    reference = [_reference_scores(row, y) for row, y in zip(logits, labels)]
+    for name, got in scores.items():
+        assert got.dtype == np.float64
+        want = np.array([float(r[name]) for r in reference])
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=0, err_msg=name)
+        assert (np.diff(want[: len(right)]) > 0).all(), name  # the exact scores grow with the margin...
+        assert (np.diff(got[: len(right)]) > 0).all(), (name, got[: len(right)])  # ...and so must ours: no ties
+    np.testing.assert_allclose(mia.logit_scaled_confidence(logits, labels), scores["phi"], rtol=0, atol=0)
 
 
 def test_lira_separates_in_from_out_by_hand():
@@ -100,18 +118,20 @@ def test_lira_separates_in_from_out_by_hand():
     target = np.where(truth, 3.0, 0.0) + 0.3 * rng.normal(size=n)
     for online in (True, False):
         s = mia.lira_scores(target, shadow_phi, shadow_in, online=online)
-        assert mia.auc(s, truth) > 0.99
+        assert metrics.auc(s, truth) > 0.99
 
 
 def test_bad_inputs_raise():
     with pytest.raises(mia.MembershipError, match="overlap in 2 examples"):
-        mia.check_disjoint([1, 2, 3], [3, 2, 9])
+        shadows.check_disjoint([1, 2, 3], [3, 2, 9])
     with pytest.raises(mia.MembershipError, match="non-empty"):
-        mia.check_disjoint([], [1])
+        shadows.check_disjoint([], [1])
     with pytest.raises(mia.MembershipError, match="at least 2 shadow models"):
         mia.lira_scores(np.zeros(4), np.zeros((1, 4)), np.ones((1, 4), bool), online=True)
     with pytest.raises(mia.MembershipError, match=r"labels must lie in \[0, 3\)"):
         mia.membership_scores(np.zeros((2, 3)), np.array([0, 3]))
+    with pytest.raises(mia.MembershipError, match="1 NaN or infinite"):
+        mia.membership_scores(np.array([[0.0, np.nan], [1.0, 2.0]]), np.array([0, 1]))
     with pytest.raises(mia.MembershipError, match="empty"):
         mia.evaluate_membership(lambda v: v, np.zeros((0, 2)), np.zeros(0, int), np.zeros(0, bool))
     with pytest.raises(mia.MembershipError, match="both members and non-members"):

@@ -102,6 +102,12 @@ def _validate(name: str, arrays: dict, where: str) -> Dataset:
                 f"{where}: labels of split {split!r} outside [0, {NUM_CLASSES[name]}) for {name}."
             )
         out[f"x_{split}"], out[f"y_{split}"] = x, y
+    train_shape, test_shape = out["x_train"].shape[1:], out["x_test"].shape[1:]
+    if train_shape != test_shape:
+        raise DataError(
+            f"{where}: x_train images have shape {train_shape} but x_test images {test_shape} (H, W, C); "
+            f"both splits must hold {name} images of one shape: re-export the file with matching x_train and x_test."
+        )
     return Dataset(name=name, source=where, **out)
 
 

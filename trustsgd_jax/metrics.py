@@ -1,9 +1,15 @@
-"""Image reconstruction metrics on de-normalised images in [0, 1] (NHWC).
+"""Attack success metrics: image reconstruction quality and membership-inference ROC.
 
-SSIM follows Wang et al. 2004 with the window of the paper's SSIM: Gaussian,
-11x11, sigma 1.5, K1 = 0.01, K2 = 0.03, data range 1 (dm-pix). PSNR is
+Reconstruction metrics take de-normalised images in [0, 1] (NHWC). SSIM
+follows Wang et al. 2004 with the window of the paper's SSIM: Gaussian, 11x11,
+sigma 1.5, K1 = 0.01, K2 = 0.03, data range 1 (dm-pix). PSNR is
 10 log10(1 / MSE), capped at ``PSNR_CAP`` dB so that a perfect
 reconstruction gives a finite, comparable number (not inf).
+
+ROC metrics take per-example scores (higher = "member") and the true
+membership, and predict member where score >= threshold. Tied scores form one
+ROC point (a diagonal segment), so ties between members and non-members cost
+resolution at low FPR.
 """
 
 from __future__ import annotations
@@ -61,3 +67,50 @@ def image_scores(originals, reconstructions) -> dict[str, np.ndarray]:
 def summarize(values) -> dict[str, float]:
     v = np.asarray(values, np.float64)
     return {"mean": float(v.mean()), "std": float(v.std()), "n": int(v.size)}
+
+
+# ---------------------------------------------------------------- ROC (membership inference)
+
+
+def roc_curve(scores, is_member) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(fpr, tpr, thresholds), predicting member where score >= threshold, from (0, 0) to (1, 1)."""
+    s = np.asarray(scores, np.float64)
+    m = np.asarray(is_member, bool)
+    order = np.argsort(-s, kind="stable")
+    s, m = s[order], m[order]
+    distinct = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # last index of each tied group
+    tp = np.cumsum(m)[distinct]
+    fp = np.cumsum(~m)[distinct]
+    tpr = np.r_[0.0, tp / max(m.sum(), 1)]
+    fpr = np.r_[0.0, fp / max((~m).sum(), 1)]
+    return fpr, tpr, np.r_[np.inf, s[distinct]]
+
+
+def auc(scores, is_member) -> float:
+    """Area under the ROC curve: the probability that a random member outscores a random non-member (ties 1/2)."""
+    fpr, tpr, _ = roc_curve(scores, is_member)
+    return float(np.trapezoid(tpr, fpr))
+
+
+def tpr_at_fpr(scores, is_member, target_fpr: float) -> float:
+    """TPR at `target_fpr`, linearly interpolated on the ROC curve.
+
+    Below 1 / (number of non-members) this interpolates between (0, 0) and
+    the first ROC point: report it with the number of non-members.
+    """
+    fpr, tpr, _ = roc_curve(scores, is_member)
+    return float(np.interp(target_fpr, fpr, tpr))
+
+
+def best_balanced_accuracy(scores, is_member) -> tuple[float, float]:
+    """(max over thresholds of (TPR + TNR) / 2, that threshold): the oracle attack accuracy."""
+    fpr, tpr, thr = roc_curve(scores, is_member)
+    i = int(np.argmax((tpr + 1 - fpr) / 2))
+    return float((tpr[i] + 1 - fpr[i]) / 2), float(thr[i])
+
+
+def balanced_accuracy_at(scores, is_member, threshold: float) -> float:
+    """(TPR + TNR) / 2 of the attack that predicts member where score >= `threshold`."""
+    s, m = np.asarray(scores), np.asarray(is_member, bool)
+    pred = s >= threshold
+    return float((pred[m].mean() + (~pred[~m]).mean()) / 2)
