@@ -7,7 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from trustsgd_jax import compress
 
@@ -221,7 +222,8 @@ def test_topk_level_matches_powersgd_words(shapes):
 
 def test_nonfinite_gradient_is_flagged_and_memory_kept_clean():
     g = worker_grads(SHAPES, seed=2)
-    for c in (compress.topk(ratio=0.1), compress.powersgd(rank=2)):
+    # The last one is in its dense warm-up at the bad step: the warm-up skips it the same way.
+    for c in (compress.topk(ratio=0.1), compress.powersgd(rank=2), compress.powersgd(rank=2, start_iter=5)):
         _, state, _ = run_pmapped(c, g)
         bad = dict(g)
         bad["t2"] = g["t2"].at[3, 0, 0].set(jnp.nan)  # one worker, one entry
@@ -263,7 +265,194 @@ def test_state_from_another_model_is_rejected():
 def test_reduce_shapes_are_checked_with_chex():
     g = worker_grads(SHAPES)
     for spec in ("none", "powersgd:2", "topk:0.3", "randomk:0.3", "qsgd:4", "signsgd"):
-        avg, state, msg = run_pmapped(compress.from_spec(spec), g)
+        avg, _, msg = run_pmapped(compress.from_spec(spec), g)
         chex.assert_trees_all_equal_shapes(avg, g)
         one = jax.tree.map(lambda x: x[0], g)
         chex.assert_trees_all_equal_shapes(compress.decompress(compress.worker_message(msg, 0)), one)
+
+
+# --------------------------------------------------------------------------
+# Public helpers and dispatch on types.
+# --------------------------------------------------------------------------
+
+
+def test_matrix_view_round_trips_and_checks_its_shape():
+    x = jax.random.normal(jax.random.key(0), (3, 3, 4, 16))
+    m = compress.to_matrix(x)
+    assert m.shape == compress.matrix_shape(x.shape) == (16, 36)
+    np.testing.assert_array_equal(m[5], np.moveaxis(np.asarray(x), -1, 0)[5].reshape(-1))  # row = output feature
+    np.testing.assert_array_equal(compress.from_matrix(m, x.shape), x)
+    with pytest.raises(AssertionError):  # chex: (36, 16) is not the (16, 36) view of that shape
+        compress.from_matrix(m.T, x.shape)
+    with pytest.raises(ValueError, match="at least one axis"):
+        compress.to_matrix(jnp.zeros(()))
+
+
+def test_sparse_messages_say_whether_indices_travel():
+    g = {"a": jax.random.normal(jax.random.key(0), (10, 10))}
+    top = compress.topk(k=7).reduce(g, compress.topk(k=7).init(g), None)[2]["a"]
+    rnd = compress.randomk(k=7).reduce(g, compress.randomk(k=7).init(g), None)[2]["a"]
+    assert top.indices_on_wire and not rnd.indices_on_wire
+    assert compress.message_cost(top).words == 14 and compress.message_cost(rnd).words == 7
+    assert compress.is_message(top) and not compress.is_message(g["a"])
+
+
+# --------------------------------------------------------------------------
+# PowerSGD's dense warm-up (start_iter, PyTorch's start_powerSGD_iter).
+# --------------------------------------------------------------------------
+
+DENSE_WORDS = sum(math.prod(s) for s in SHAPES)
+
+
+def test_powersgd_start_iter_sends_the_exact_mean_then_compresses():
+    K, rank = 3, 2
+    c = compress.powersgd(rank=rank, start_iter=K)
+    plain = compress.powersgd(rank=rank)  # K = 0
+    params = jax.tree.map(lambda g: g[0], worker_grads(SHAPES))
+    n = jax.local_device_count()
+    init = jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)), c.init(params))
+    f = jax.pmap(lambda g, s: c.reduce(g, s, AXIS), axis_name=AXIS)
+    f_plain = jax.pmap(lambda g, s: plain.reduce(g, s, AXIS), axis_name=AXIS)
+    f_none = jax.pmap(lambda g, s: compress.none().reduce(g, s, AXIS), axis_name=AXIS)
+    none_state = jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)), compress.none().init(params))
+    state, plain_state = init, init
+    for t in range(K + 2):
+        g = worker_grads(SHAPES, seed=10 + t)  # a new gradient every step
+        avg, state, msg = f(g, state)
+        assert int(state.step[0]) == t + 1 == int(state.step[7])
+        if t < K:
+            # The exact mean, bit for bit what uncompressed SGD's all-reduce gives.
+            exact, _, _ = f_none(g, none_state)
+            for k in g:
+                np.testing.assert_array_equal(avg[k], exact[k])
+                np.testing.assert_allclose(avg[k][0], np.asarray(g[k]).mean(0), rtol=1e-5, atol=1e-6)
+            for w in (0, 3, 7):
+                mine = compress.worker_message(msg, w)
+                sent = compress.decompress(mine)
+                for k in g:
+                    np.testing.assert_array_equal(sent[k], g[k][w])  # the worker's full gradient
+                assert isinstance(mine["t2"], compress.DenseThenLowRank) and not mine["t2"].is_compressed()
+                assert all(isinstance(m, compress.Dense) for m in jax.tree.leaves(compress.as_sent(mine),
+                                                                                    is_leaf=compress.is_message))
+                assert not np.asarray(mine["t2"].low_rank.p).any()  # nothing of the unsent form is kept
+                assert compress.message_cost(mine).words == DENSE_WORDS
+            # Error memory untouched (zero), warm-start Q untouched.
+            assert all(not np.asarray(m).any() for m in jax.tree.leaves(state.memory))
+            for q, q0 in zip(state.extra, init.extra):
+                if q is not None:
+                    np.testing.assert_array_equal(q, q0)
+        else:
+            # From step K on: PowerSGD, continuing from the untouched state. It is
+            # today's PowerSGD (K = 0) started from init on the gradients of step K on.
+            plain_avg, plain_state, plain_msg = f_plain(g, plain_state)
+            for k in g:
+                np.testing.assert_array_equal(avg[k], plain_avg[k])
+                np.testing.assert_array_equal(state.memory[k], plain_state.memory[k])
+            assert not np.allclose(avg["t2"][0], np.asarray(g["t2"]).mean(0), atol=1e-3)  # compressed
+            mine, plain_mine = compress.worker_message(msg, 2), compress.worker_message(plain_msg, 2)
+            assert mine["t2"].is_compressed() and not np.asarray(mine["t2"].full.value).any()
+            sent = compress.as_sent(mine)
+            assert isinstance(sent["t2"], compress.LowRank) and isinstance(sent["t1"], compress.Dense)
+            for k in g:
+                np.testing.assert_array_equal(compress.decompress(mine)[k], compress.decompress(plain_mine)[k])
+            np.testing.assert_array_equal(sent["t2"].p_hat, plain_mine["t2"].p_hat)
+            assert compress.message_cost(mine).words == sum(compress.powersgd_words(SHAPES, rank)) < DENSE_WORDS
+
+
+def powersgd_reference(grads, memory, qs, rank):
+    """Algorithm 1 of Vogels et al. in float64 numpy, one round over all workers (warm start, error feedback)."""
+    w = grads[next(iter(grads))].shape[0]
+    avg, new_mem = {}, {}
+    plan = dict(zip(grads, compress.powersgd_plan([g.shape[1:] for g in grads.values()], rank)))
+    for i, k in enumerate(grads):
+        m = np.asarray(grads[k], np.float64) + np.asarray(memory[k], np.float64)
+        if plan[k]:
+            mats = [np.moveaxis(m[j], -1, 0).reshape(m.shape[-1], -1) for j in range(w)]
+            q = np.asarray(qs[i], np.float64)
+            p_hat = np.linalg.qr(sum(mm @ q for mm in mats))[0]
+            q_avg = sum(mm.T @ p_hat for mm in mats) / w
+            approx = np.moveaxis((p_hat @ q_avg.T).reshape((m.shape[-1], *m.shape[1:-1])), 0, -1)
+        else:
+            approx = m.mean(0)
+        avg[k], new_mem[k] = approx, m - approx
+    return avg, new_mem
+
+
+def test_powersgd_start_iter_zero_is_todays_powersgd():
+    # K = 0 takes the code path PowerSGD had before start_iter existed (no cond,
+    # plain LowRank/Dense messages); here it is checked against the default
+    # compressor bit for bit and against a float64 numpy Algorithm 1.
+    g = worker_grads(SHAPES, seed=4)
+    c0, c = compress.powersgd(rank=2, start_iter=0), compress.powersgd(rank=2)
+    assert c0.name == c.name == "powersgd:2"
+    (a0, s0, m0), (a, s, m) = run_pmapped(c0, g, steps=2), run_pmapped(c, g, steps=2)
+    for x, y in zip(jax.tree.leaves((a0, s0, m0)), jax.tree.leaves((a, s, m))):
+        np.testing.assert_array_equal(x, y)
+    kinds = {type(x).__name__ for x in jax.tree.leaves(m0, is_leaf=compress.is_message)}
+    assert kinds == {"LowRank", "Dense"}
+    params = jax.tree.map(lambda x: x[0], g)
+    state = c0.init(params)
+    avg, new = run_pmapped(c0, g)[:2]
+    ref_avg, ref_mem = powersgd_reference(g, state.memory, state.extra, 2)
+    for k in g:
+        np.testing.assert_allclose(avg[k][0], ref_avg[k], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(new.memory[k][5], ref_mem[k][5], rtol=1e-4, atol=1e-5)
+
+
+def test_start_iter_wire_accounting_counts_dense_steps():
+    params = jax.tree.map(lambda g: g[0], worker_grads(SHAPES))
+    compressed = sum(compress.powersgd_words(SHAPES, 2))
+    c = compress.powersgd(rank=2, start_iter=4)
+    assert compress.wire_cost(c, params, step=0).words == compress.wire_cost(c, params, step=3).words == DENSE_WORDS
+    assert compress.wire_cost(c, params, step=4).words == compressed
+    assert compress.wire_cost(c, params, step=4).bytes == 4 * compressed
+    assert compress.training_words(c, params, 3) == 3 * DENSE_WORDS
+    assert compress.training_words(c, params, 10) == 4 * DENSE_WORDS + 6 * compressed
+    with pytest.raises(ValueError, match="pass step="):
+        compress.wire_cost(c, params)
+    abstract = jax.eval_shape(lambda g, s: c.reduce(g, s, None)[2], params, c.init(params))
+    with pytest.raises(ValueError, match="pass step="):
+        compress.message_cost(abstract)
+    # K = 0 and other compressors: one cost per step, step ignored.
+    plain = compress.powersgd(rank=2)
+    assert compress.wire_cost(plain, params).words == compress.wire_cost(plain, params, step=7).words == compressed
+    assert compress.training_words(plain, params, 10) == 10 * compressed
+    assert compress.training_words(compress.none(), params, 5) == 5 * DENSE_WORDS
+    # A concrete message counts what it sent; a contradicting step is refused.
+    msg = compress.worker_message(run_pmapped(c, worker_grads(SHAPES))[2], 0)
+    assert compress.message_cost(msg).words == compress.message_cost(msg, step=0).words == DENSE_WORDS
+    with pytest.raises(ValueError, match="contradicts"):
+        compress.message_cost(msg, step=4)
+    stacked = run_pmapped(c, worker_grads(SHAPES))[2]
+    with pytest.raises(ValueError, match="worker_message"):
+        compress.message_cost(stacked)
+
+
+def test_pytorch_defaults_spec():
+    d = compress.PYTORCH_POWERSGD_DEFAULTS
+    assert dict(d) == {"rank": 1, "start_iter": 1000, "min_compression_rate": 2, "warm_start": True,
+                       "error_feedback": True}
+    with pytest.raises(TypeError):
+        d["rank"] = 2  # read-only
+    params = jax.tree.map(lambda g: g[0], worker_grads(SHAPES))
+    c = compress.powersgd_pytorch()
+    assert c.name == "powersgd:1:start_iter=1000"
+    rank1 = sum(compress.powersgd_words(SHAPES, 1))
+    assert compress.training_words(c, params, 1010) == 1000 * DENSE_WORDS + 10 * rank1
+    assert compress.powersgd_pytorch(start_iter=0).name == "powersgd:1"
+    same = compress.from_spec("powersgd:1", params, start_iter=1000)
+    assert same.name == c.name
+    assert compress.training_words(same, params, 1010) == compress.training_words(c, params, 1010)
+
+
+def test_bad_start_iter_raises_one_line_errors():
+    for bad in (-1, 1.5, True, "10"):
+        with pytest.raises(ValueError, match=r"start_iter must be an integer >= 0") as e:
+            compress.powersgd(rank=2, start_iter=bad)
+        assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match=r"start_iter must be an integer >= 0"):
+        compress.from_spec("powersgd:2", start_iter=-3)
+    with pytest.raises(ValueError, match="applies to powersgd specs only.*pass start_iter=0"):
+        compress.from_spec("topk:0.1", start_iter=5)
+    with pytest.raises(ValueError, match="steps must be an integer >= 0"):
+        compress.training_words(compress.none(), {"w": jnp.zeros(3)}, -1)

@@ -20,17 +20,38 @@ Robustness: a gradient with NaN/Inf on *any* worker makes every worker skip
 the step: ``avg`` is zero, the error memory and warm-start state are kept as
 they were (never poisoned), and ``state.nonfinite`` counts the skipped steps,
 so a trainer can stop with a clear error.
+
+The same compressors as an optax transformation (`as_optax`), first in a
+chain, for a user's own pmapped or shard_mapped step::
+
+    tx = optax.chain(compress.as_optax(compress.powersgd(4), axis_name="batch"), optax.sgd(0.1))
+    updates, opt_state = tx.update(grads, opt_state)   # the compressed all-reduce runs here
+    compress.last_message(opt_state)                    # what this worker last sent, for auditing
+
+PowerSGD's dense warm-up (``powersgd(..., start_iter=K)``, PyTorch's
+``start_powerSGD_iter``) sends the full gradients for the first K steps;
+`DenseThenLowRank` messages record which form travelled, and
+`wire_cost(c, params, step=...)` / `training_words` count the dense steps.
+
+chex is used at API boundaries where a shape mismatch would otherwise surface
+far from its cause (`from_matrix`); tree mismatches between a gradient and a
+compressor state get this module's own error, which names the fix.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
-from typing import Any, Callable, NamedTuple
+import types
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import struct
 
 PyTree = Any
@@ -96,7 +117,7 @@ class LowRank:
     shape: tuple = struct.field(pytree_node=False)
 
     def dense(self):
-        return _from_matrix(self.p_hat @ self.q.T, self.shape)
+        return from_matrix(self.p_hat @ self.q.T, self.shape)
 
     def bits(self) -> int:
         return 32 * (int(np.prod(self.p.shape)) + int(np.prod(self.q.shape)))
@@ -132,11 +153,90 @@ class Signs:
         return 32 + int(np.prod(self.signs.shape))
 
 
-MESSAGE_TYPES = (Dense, Sparse, LowRank, Quantized, Signs)
+def _is_abstract(x) -> bool:
+    return isinstance(x, (jax.core.Tracer, jax.ShapeDtypeStruct))
 
 
-def _is_message(x) -> bool:
+@struct.dataclass
+class DenseThenLowRank:
+    """A tensor PowerSGD compresses after a dense warm-up (``powersgd(start_iter=K)``).
+
+    PyTorch's ``powerSGD_hook`` all-reduces the full gradient for the first
+    ``start_powerSGD_iter`` steps and sends the factors afterwards. The step
+    runs under jit with a traced step counter, so the message has one pytree
+    structure at every step: it holds both forms and a flag saying which one
+    travelled.
+
+    * ``compressed == False`` (steps before ``start_iter``): ``full`` is the
+      worker's gradient, sent in full; every array of ``low_rank`` is zero.
+    * ``compressed == True``: ``low_rank`` holds the factors that were sent
+      (`LowRank`); ``full`` is zero.
+
+    The half that did not travel is zeros, so the message never holds more
+    than was sent. ``dense()`` is what an observer reconstructs from what was
+    sent at that step, and ``bits(step)`` counts the half that travelled.
+    `as_sent` swaps each one for its travelling `Dense` or `LowRank`.
+    """
+
+    full: Dense
+    low_rank: LowRank
+    compressed: jax.Array  # bool []
+    start_iter: int = struct.field(pytree_node=False)
+
+    def is_compressed(self, step: int | None = None) -> bool:
+        """Whether the factors travelled: the concrete flag, or ``step >= start_iter`` for an abstract message.
+
+        With a concrete message, a given ``step`` must agree with the flag.
+        """
+        if _is_abstract(self.compressed):
+            if step is None:
+                raise ValueError("this DenseThenLowRank message is abstract (traced or from eval_shape), so which form "
+                                 "it sent is unknown: pass step= (e.g. message_cost(msg, step=s)).")
+            return step >= self.start_iter
+        value = np.asarray(self.compressed)
+        if value.shape != ():
+            raise ValueError(f"this message is stacked over {value.shape} workers: select one first with "
+                             "compress.worker_message(msg, w).")
+        flag = bool(value)
+        if step is not None and flag != (step >= self.start_iter):
+            raise ValueError(f"step={step} contradicts the message: it was sent "
+                             f"{'compressed' if flag else 'dense'} and start_iter is {self.start_iter}.")
+        return flag
+
+    def dense(self):
+        return jnp.where(self.compressed, self.low_rank.dense(), self.full.dense())
+
+    def bits(self, step: int | None = None) -> int:
+        return self.low_rank.bits() if self.is_compressed(step) else self.full.bits()
+
+
+MESSAGE_TYPES = (Dense, Sparse, LowRank, Quantized, Signs, DenseThenLowRank)
+
+
+def is_message(x) -> bool:
+    """Whether `x` is one tensor's message (one of `MESSAGE_TYPES`).
+
+    Messages are pytrees themselves; pass this as ``is_leaf`` to walk a
+    message tree tensor by tensor::
+
+        for m in jax.tree.leaves(msg, is_leaf=compress.is_message): ...
+    """
     return isinstance(x, MESSAGE_TYPES)
+
+
+def as_sent(msg: PyTree) -> PyTree:
+    """The message with each `DenseThenLowRank` replaced by the form that travelled.
+
+    That is its `Dense` during PowerSGD's warm-up and its `LowRank` after, so
+    code that dispatches on message types sees only the basic types. Needs a
+    concrete single-worker message (`worker_message` first for pmap output).
+    """
+    def pick(m):
+        if isinstance(m, DenseThenLowRank):
+            return m.low_rank if m.is_compressed() else m.full
+        return m
+
+    return jax.tree.map(pick, msg, is_leaf=is_message)
 
 
 def decompress(msg: PyTree) -> PyTree:
@@ -145,7 +245,7 @@ def decompress(msg: PyTree) -> PyTree:
     Takes a single worker's message; out of ``pmap`` (stacked over devices)
     select one first with `worker_message`.
     """
-    return jax.tree.map(lambda m: m.dense(), msg, is_leaf=_is_message)
+    return jax.tree.map(lambda m: m.dense(), msg, is_leaf=is_message)
 
 
 def worker_message(stacked_msg: PyTree, worker: int) -> PyTree:
@@ -158,9 +258,18 @@ class WireCost(NamedTuple):
     bytes: int
 
 
-def message_cost(msg: PyTree) -> WireCost:
-    """Words and bytes of a message (shapes only: works on abstract messages too)."""
-    words = sum(-(-m.bits() // 32) for m in jax.tree.leaves(msg, is_leaf=_is_message))
+def message_cost(msg: PyTree, step: int | None = None) -> WireCost:
+    """Words and bytes one worker's message put on the wire.
+
+    Sizes come from shapes, so abstract messages (``jax.eval_shape``) work
+    too. A `DenseThenLowRank` (PowerSGD with ``start_iter``) counts the form
+    that travelled: read from its flag when the message is concrete, from
+    ``step`` (the step it was sent at) when it is abstract.
+    """
+    words = 0
+    for m in jax.tree.leaves(msg, is_leaf=is_message):
+        bits = m.bits(step) if isinstance(m, DenseThenLowRank) else m.bits()
+        words += -(-bits // 32)
     return WireCost(words=words, bytes=4 * words)
 
 
@@ -227,6 +336,31 @@ def _all_gather(x, axis_name):
 
 def _worker_index(axis_name):
     return 0 if axis_name is None else jax.lax.axis_index(axis_name)
+
+
+def _varying_axes(x) -> frozenset:
+    """The manual mesh axes `x` varies over inside ``jax.shard_map`` with type checks on (empty elsewhere)."""
+    aval = jax.typeof(x)
+    vma = getattr(aval, "vma", None)
+    if vma is None:
+        vma = getattr(getattr(aval, "manual_axis_type", None), "varying", None)
+    return frozenset(vma or ())
+
+
+def _make_varying(tree, axes: frozenset):
+    """Marks every leaf of `tree` as varying over `axes` (shard_map's type system; a no-op under pmap).
+
+    ``lax.cond`` under ``shard_map`` needs both branches to return the same
+    varying/invariant types; per-worker outputs are varying by meaning.
+    """
+    if not axes:
+        return tree
+
+    def cast(x):
+        missing = tuple(sorted(axes - _varying_axes(x)))
+        return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+    return jax.tree.map(cast, tree)
 
 
 def _psum_many(arrays: list, axis_name) -> list:
@@ -317,11 +451,15 @@ def _check_ratio_arg(name, ratio, k):
         raise ValueError(f"{name}: give ratio= (fraction of entries per tensor) or k=.")
 
 
-def _sparse_core(name, ratio, k, select):
-    """Shared body of Top-K and Random-K; `select(p_flat, k, leaf_idx, state, axis_name)` -> indices."""
+def _sparse_core(name, ratio, k, select, indices_on_wire: bool):
+    """Shared body of Top-K and Random-K; `select(p_flat, k, leaf_idx, state, axis_name)` -> indices.
+
+    ``indices_on_wire``: whether the worker sends its indices (Top-K) or every
+    party derives them from shared randomness (Random-K).
+    """
 
     def core(grads, state, axis_name):
-        leaves, treedef = jax.tree.flatten(grads)
+        treedef = jax.tree.structure(grads)
         ks = _k_tree(name, ratio, k, state.shapes)
         ps = _with_memory(grads, state)
         values, indices, memory = [], [], []
@@ -342,8 +480,7 @@ def _sparse_core(name, ratio, k, select):
             v, ix = all_vals[:, offset:offset + kk].reshape(-1), all_idx[:, offset:offset + kk].reshape(-1)
             avg.append((jnp.zeros((p.size,), p.dtype).at[ix].add(v) / n).reshape(p.shape))
             offset += kk
-        sent_indices = name.startswith("topk")
-        msg = [Sparse(v, ix, tuple(p.shape), sent_indices) for v, ix, p in zip(values, indices, ps)]
+        msg = [Sparse(v, ix, tuple(p.shape), indices_on_wire) for v, ix, p in zip(values, indices, ps)]
         new_state = state.replace(memory=treedef.unflatten(memory) if state.memory is not None else None)
         return treedef.unflatten(avg), new_state, treedef.unflatten(msg)
 
@@ -366,7 +503,7 @@ def topk(ratio: float | None = None, k: int | list[int] | None = None, error_fee
 
     name = f"topk:{ratio}" if ratio is not None else "topk"
     return Compressor(name, lambda p: _new_state(p, memory=error_feedback),
-                      _guarded(name, _sparse_core("topk", ratio, k, select)), decompress)
+                      _guarded(name, _sparse_core("topk", ratio, k, select, indices_on_wire=True)), decompress)
 
 
 def randomk(ratio: float | None = None, k: int | list[int] | None = None, error_feedback: bool = True,
@@ -384,7 +521,7 @@ def randomk(ratio: float | None = None, k: int | list[int] | None = None, error_
 
     name = f"randomk:{ratio}" if ratio is not None else "randomk"
     return Compressor(name, lambda p: _new_state(p, memory=error_feedback),
-                      _guarded(name, _sparse_core("randomk", ratio, k, select)), decompress)
+                      _guarded(name, _sparse_core("randomk", ratio, k, select, indices_on_wire=False)), decompress)
 
 
 # --------------------------------------------------------------------------
@@ -396,7 +533,7 @@ def _elementwise_compressor(name, error_feedback, encode):
     """Compressors whose messages decode independently per worker and sum (psum of decoded values)."""
 
     def core(grads, state, axis_name):
-        leaves, treedef = jax.tree.flatten(grads)
+        treedef = jax.tree.structure(grads)
         ps = _with_memory(grads, state)
         msgs = [encode(p, i, state, axis_name) for i, p in enumerate(ps)]
         decoded = [m.dense() for m in msgs]
@@ -459,11 +596,21 @@ def matrix_shape(shape) -> tuple[int, int]:
     return shape[-1], int(np.prod(shape[:-1]))
 
 
-def _to_matrix(x):
+def to_matrix(x: jax.Array) -> jax.Array:
+    """A tensor as the (n, m) matrix PowerSGD compresses (`matrix_shape`): output features first.
+
+    Flax keeps the output axis last, so the last axis becomes the rows and the
+    others, in order, the columns. `from_matrix` inverts it.
+    """
+    if np.ndim(x) < 1:
+        raise ValueError(f"to_matrix: needs a tensor with at least one axis, got shape {np.shape(x)}.")
     return jnp.moveaxis(x, -1, 0).reshape(x.shape[-1], -1)
 
 
-def _from_matrix(m, shape):
+def from_matrix(m: jax.Array, shape) -> jax.Array:
+    """The tensor of `shape` whose `to_matrix` view is `m` (checked: m must be `matrix_shape(shape)`)."""
+    shape = tuple(shape)
+    chex.assert_shape(m, matrix_shape(shape))
     return jnp.moveaxis(m.reshape((shape[-1], *shape[:-1])), 0, -1)
 
 
@@ -486,7 +633,7 @@ def powersgd_plan(shapes, rank: int, min_compression_rate: float = 2) -> list[in
 
 
 def powersgd(rank: int = 4, error_feedback: bool = True, warm_start: bool = True,
-             min_compression_rate: float = 2, seed: int = 0) -> Compressor:
+             min_compression_rate: float = 2, seed: int = 0, start_iter: int = 0) -> Compressor:
     """PowerSGD (Vogels, Karimireddy, Jaggi, NeurIPS 2019, Algorithm 1), PyTorch-hook semantics.
 
     Per tensor with matrix view M_w (n x m) on worker w (`matrix_shape`), with
@@ -502,11 +649,32 @@ def powersgd(rank: int = 4, error_feedback: bool = True, warm_start: bool = True
     average (zero on average over workers). The first Q (and every Q when
     ``warm_start=False``) is drawn from ``seed`` (and the step), identical on
     all workers. Message per compressed tensor: P_w and Q_w, (n + m) r words.
+    PyTorch orthonormalises with Gram-Schmidt or QR (the same span); this uses QR.
+
+    ``start_iter=K`` is PyTorch's ``start_powerSGD_iter``: for the first K
+    steps every worker sends its full gradient and all workers apply the exact
+    mean (one all-reduce, as `none`), with the error memory and the warm-start
+    Q left untouched; PowerSGD runs from step K on, starting from that
+    untouched state. Steps are counted by ``state.step``, which a step skipped
+    for a NaN/Inf gradient does not advance. The phase is chosen on the traced
+    step counter with ``lax.cond``; the counter is the same on every worker, so
+    all workers run the same collectives. Compressed tensors then travel as
+    `DenseThenLowRank` messages (one structure at every step; see there), and
+    `wire_cost` needs ``step=`` (`training_words` sums a whole run).
+    ``start_iter=0`` compresses from the first step and sends plain `LowRank`
+    messages. PyTorch requires K > 1 with error feedback or warm start, because
+    DDP rebuilds its gradient buckets after the first iteration; nothing here
+    is rebuilt, so any K >= 0 is accepted. `powersgd_pytorch` gives the hook's
+    defaults.
     """
     if not isinstance(rank, (int, np.integer)) or rank < 1:
         raise ValueError(f"powersgd: rank must be an integer >= 1, got {rank!r}.")
     if min_compression_rate <= 0:
         raise ValueError(f"powersgd: min_compression_rate must be > 0, got {min_compression_rate!r}.")
+    if isinstance(start_iter, bool) or not isinstance(start_iter, (int, np.integer)) or start_iter < 0:
+        raise ValueError(f"powersgd: start_iter must be an integer >= 0 (the number of uncompressed warm-up steps; "
+                         f"0 compresses from the first step), got {start_iter!r}.")
+    start_iter = int(start_iter)
 
     def initial_q(shape, r, i, step):
         key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), i), step)
@@ -519,8 +687,9 @@ def powersgd(rank: int = 4, error_feedback: bool = True, warm_start: bool = True
         qs = [initial_q(s, r, i, 0) if r else None for i, (s, r) in enumerate(zip(shapes, plan))]
         return _new_state(params, memory=error_feedback, extra=qs)
 
-    def core(grads, state, axis_name):
-        leaves, treedef = jax.tree.flatten(grads)
+    def compressed_round(grads, state, axis_name):
+        """One PowerSGD round: per-tensor update, new error memory, new Q, and the messages."""
+        treedef = jax.tree.structure(grads)
         plan = powersgd_plan(state.shapes, rank, min_compression_rate)
         n_workers = _num_workers(axis_name)
         ms = _with_memory(grads, state)
@@ -530,7 +699,7 @@ def powersgd(rank: int = 4, error_feedback: bool = True, warm_start: bool = True
             qs = {i: state.extra[i] for i in comp}
         else:
             qs = {i: initial_q(state.shapes[i], plan[i], i, state.step) for i in comp}
-        mats = {i: _to_matrix(ms[i]) for i in comp}
+        mats = {i: to_matrix(ms[i]) for i in comp}
         p_local = {i: mats[i] @ qs[i] for i in comp}
         p_sum = dict(zip(comp, _psum_many([p_local[i] for i in comp], axis_name)))
         p_hat = {i: jnp.linalg.qr(p_sum[i])[0] for i in comp}
@@ -541,7 +710,7 @@ def powersgd(rank: int = 4, error_feedback: bool = True, warm_start: bool = True
         avg, msg, memory, extra = [], [], [], []
         for i, m in enumerate(ms):
             if plan[i]:
-                approx = _from_matrix(p_hat[i] @ q_avg[i].T, m.shape)
+                approx = from_matrix(p_hat[i] @ q_avg[i].T, m.shape)
                 msg.append(LowRank(p_local[i], q_local[i], p_hat[i], qs[i], tuple(m.shape)))
                 extra.append(q_avg[i] if warm_start else state.extra[i])
             else:
@@ -550,12 +719,71 @@ def powersgd(rank: int = 4, error_feedback: bool = True, warm_start: bool = True
                 extra.append(None)
             avg.append(approx)
             memory.append(m - approx)
-        new_state = state.replace(memory=treedef.unflatten(memory) if state.memory is not None else None,
-                                  extra=extra)
-        return treedef.unflatten(avg), new_state, treedef.unflatten(msg)
+        memory = treedef.unflatten(memory) if state.memory is not None else None
+        return treedef.unflatten(avg), memory, extra, msg
 
-    name = f"powersgd:{rank}"
+    def warmup_round(grads, state, axis_name):
+        """PyTorch's warm-up: the exact mean of the raw gradients; memory and Q untouched."""
+        leaves, treedef = jax.tree.flatten(grads)
+        plan = powersgd_plan(state.shapes, rank, min_compression_rate)
+        n = _num_workers(axis_name)
+        avg = [s / n for s in _psum_many(leaves, axis_name)]
+        msg = []
+        for g, r in zip(leaves, plan):
+            if r:
+                rows, cols = matrix_shape(g.shape)
+                dtype = jnp.result_type(g.dtype, jnp.float32)
+                zero = LowRank(jnp.zeros((rows, r), dtype), jnp.zeros((cols, r), dtype), jnp.zeros((rows, r), dtype),
+                               jnp.zeros((cols, r), jnp.float32), tuple(g.shape))
+                msg.append(DenseThenLowRank(Dense(g), zero, jnp.asarray(False), start_iter))
+            else:
+                msg.append(Dense(g))
+        return treedef.unflatten(avg), state.memory, list(state.extra), msg
+
+    def phased_compressed_round(grads, state, axis_name):
+        avg, memory, extra, msg = compressed_round(grads, state, axis_name)
+        msg = [DenseThenLowRank(Dense(jnp.zeros_like(g)), m, jnp.asarray(True), start_iter)
+               if isinstance(m, LowRank) else m for m, g in zip(msg, jax.tree.leaves(grads))]
+        return avg, memory, extra, msg
+
+    def core(grads, state, axis_name):
+        treedef = jax.tree.structure(grads)
+        if start_iter == 0:
+            avg, memory, extra, msg = compressed_round(grads, state, axis_name)
+        else:
+            # Both phases return the average as all-reduced (invariant) and the
+            # rest as per-worker (varying) values, as shard_map's cond requires.
+            axes = frozenset().union(*[_varying_axes(x) for x in jax.tree.leaves((grads, state))])
+
+            def phase(round_fn):
+                avg, *per_worker = round_fn(grads, state, axis_name)
+                return avg, *_make_varying(tuple(per_worker), axes)
+
+            avg, memory, extra, msg = jax.lax.cond(state.step < start_iter, lambda: phase(warmup_round),
+                                                   lambda: phase(phased_compressed_round))
+        return avg, state.replace(memory=memory, extra=extra), treedef.unflatten(msg)
+
+    name = f"powersgd:{rank}" if start_iter == 0 else f"powersgd:{rank}:start_iter={start_iter}"
     return Compressor(name, init, _guarded(name, core), decompress)
+
+
+PYTORCH_POWERSGD_DEFAULTS = types.MappingProxyType({
+    "rank": 1, "start_iter": 1000, "min_compression_rate": 2, "warm_start": True, "error_feedback": True})
+"""The defaults of PyTorch's ``PowerSGDState`` as `powersgd` arguments.
+
+``matrix_approximation_rank=1, start_powerSGD_iter=1_000, min_compression_rate=2,
+use_error_feedback=True, warm_start=True`` (torch.distributed.algorithms.
+ddp_comm_hooks.powerSGD_hook). Its other fields have no counterpart here:
+``orthogonalization_epsilon=0`` (exact orthonormalisation; this uses QR),
+``random_seed=0`` (the first Q comes from `powersgd`'s ``seed`` through JAX's
+PRNG, so the draws differ from torch's), batching of same-shape tensors and
+compression-statistics logging.
+"""
+
+
+def powersgd_pytorch(**overrides) -> Compressor:
+    """PowerSGD with PyTorch's ``powerSGD_hook`` defaults (`PYTORCH_POWERSGD_DEFAULTS`), any of them overridden."""
+    return powersgd(**{**PYTORCH_POWERSGD_DEFAULTS, **overrides})
 
 
 # --------------------------------------------------------------------------
@@ -613,8 +841,13 @@ SPEC_HELP = ("none | powersgd:RANK | topk:RATIO | topk_level:RANK | randomk:RATI
              "(e.g. 'powersgd:4', 'topk:0.01', 'topk_level:4')")
 
 
-def from_spec(spec: str, params: PyTree | None = None, seed: int = 0) -> Compressor:
-    """Builds a compressor from a spec string such as ``powersgd:4`` (see ``SPEC_HELP``)."""
+def from_spec(spec: str, params: PyTree | None = None, seed: int = 0, start_iter: int = 0) -> Compressor:
+    """Builds a compressor from a spec string such as ``powersgd:4`` (see ``SPEC_HELP``).
+
+    ``start_iter`` is `powersgd`'s dense warm-up (PyTorch's
+    ``start_powerSGD_iter``); other compressors have none, and a nonzero
+    value with them is an error rather than silently ignored.
+    """
     m = re.fullmatch(r"\s*([a-z_]+)\s*(?::\s*([0-9.eE+-]+))?\s*", spec or "")
     if not m:
         raise ValueError(f"cannot parse compressor spec {spec!r}; expected {SPEC_HELP}.")
@@ -628,12 +861,15 @@ def from_spec(spec: str, params: PyTree | None = None, seed: int = 0) -> Compres
         except ValueError:
             raise ValueError(f"bad argument {arg!r} in compressor spec {spec!r}; expected {SPEC_HELP}.") from None
 
+    if kind == "powersgd":
+        return powersgd(rank=number(int), seed=seed, start_iter=start_iter)
+    if start_iter != 0:
+        raise ValueError(f"start_iter={start_iter!r} applies to powersgd specs only (PyTorch's start_powerSGD_iter); "
+                         f"{spec!r} has no dense warm-up: pass start_iter=0.")
     if kind in ("none", "sgd") and arg is None:
         return none()
     if kind == "signsgd" and arg is None:
         return signsgd()
-    if kind == "powersgd":
-        return powersgd(rank=number(int), seed=seed)
     if kind == "topk":
         return topk(ratio=number(float))
     if kind == "randomk":
@@ -647,8 +883,122 @@ def from_spec(spec: str, params: PyTree | None = None, seed: int = 0) -> Compres
     raise ValueError(f"unknown compressor spec {spec!r}; expected {SPEC_HELP}.")
 
 
-def wire_cost(c: Compressor, params: PyTree) -> WireCost:
-    """Words/bytes one worker puts on the wire per step with `c` on `params` (from message shapes)."""
+def _abstract_message(c: Compressor, params: PyTree) -> PyTree:
     state = c.init(params)
-    msg = jax.eval_shape(lambda g, s: c.reduce(g, s, None)[2], params, state)
-    return message_cost(msg)
+    return jax.eval_shape(lambda g, s: c.reduce(g, s, None)[2], params, state)
+
+
+def wire_cost(c: Compressor, params: PyTree, step: int | None = None) -> WireCost:
+    """Words/bytes one worker puts on the wire at one step with `c` on `params` (from message shapes).
+
+    Every compressor sends the same size at every step, except PowerSGD with
+    a dense warm-up (``start_iter=K``): the full gradient at steps < K, the
+    factors from K on. For it ``step`` is required; `training_words` sums a
+    run. Other compressors ignore ``step``.
+    """
+    msg = _abstract_message(c, params)
+    if step is None and any(isinstance(m, DenseThenLowRank) for m in jax.tree.leaves(msg, is_leaf=is_message)):
+        raise ValueError(f"wire_cost: {c.name} sends dense messages for its first steps, so the cost depends on the "
+                         "step: pass step= (wire_cost(c, params, step=s)) or use training_words(c, params, steps).")
+    return message_cost(msg, step=step)
+
+
+def training_words(c: Compressor, params: PyTree, steps: int) -> int:
+    """32-bit words one worker sends over steps 0 .. steps-1 with `c` on `params`, dense warm-up steps included.
+
+    Assumes every step is taken (a step skipped for a NaN/Inf gradient does
+    not advance the compressor's step counter, so it shifts the warm-up).
+    """
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
+        raise ValueError(f"training_words: steps must be an integer >= 0, got {steps!r}.")
+    msg = _abstract_message(c, params)
+    switches = {m.start_iter for m in jax.tree.leaves(msg, is_leaf=is_message) if isinstance(m, DenseThenLowRank)}
+    bounds = [0, *sorted(k for k in switches if 0 < k < steps), int(steps)]
+    return sum((b - a) * message_cost(msg, step=a).words for a, b in itertools.pairwise(bounds) if b > a)
+
+
+# --------------------------------------------------------------------------
+# The optax face.
+# --------------------------------------------------------------------------
+
+
+class CompressionState(NamedTuple):
+    """The optax state of `as_optax`.
+
+    ``compressor_state``: the compressor's `CompressorState` (error memory,
+    warm-start Q, step, skipped-step count). ``message``: the message this
+    worker sent at its last update (all zeros before the first one), or
+    ``None`` with ``keep_message=False``.
+    """
+
+    compressor_state: CompressorState
+    message: PyTree
+
+
+def as_optax(compressor: Compressor, axis_name: str | None = "batch",
+             keep_message: bool = True) -> optax.GradientTransformationExtraArgs:
+    """`compressor` as an optax transformation: the (compressed) all-reduce of the gradients.
+
+    Put it first in an ``optax.chain``; what follows sees the averaged update::
+
+        tx = optax.chain(compress.as_optax(compress.powersgd(4), axis_name="batch"), optax.sgd(0.1))
+
+    ``update(grads, state)`` calls ``compressor.reduce(grads, ..., axis_name)``
+    and must run where ``axis_name`` is bound: inside ``jax.pmap(...,
+    axis_name=...)`` or ``jax.shard_map`` over a mesh axis of that name
+    (``None``: a single worker). ``params`` are used by ``init`` only, to size
+    the state; ``update`` ignores them and any extra arguments. Updates are
+    those of ``compressor.reduce``, bit for bit.
+
+    The state (`CompressionState`) keeps the compressor's state and, for
+    auditing, the message this worker last sent: `last_message` and
+    `compressor_state` find them inside a chain's state. Keeping the message
+    costs its size in memory (for `none`, a copy of the gradient);
+    ``keep_message=False`` keeps ``None`` instead. A step skipped for a
+    NaN/Inf gradient gives a zero update here, but transformations later in
+    the chain still step (momentum keeps moving): watch
+    ``compressor_state(opt_state).nonfinite``.
+    """
+
+    def init_fn(params):
+        state = compressor.init(params)
+        message = None
+        if keep_message:  # zeros with the structure every update returns, so the state's structure is fixed
+            shapes = jax.eval_shape(lambda p, s: compressor.reduce(p, s, None)[2], params, state)
+            message = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+        return CompressionState(state, message)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args
+        avg, new_state, message = compressor.reduce(updates, state.compressor_state, axis_name)
+        return avg, CompressionState(new_state, message if keep_message else None)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _the_compression_state(opt_state, who: str) -> CompressionState:
+    found = [x for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, CompressionState))
+             if isinstance(x, CompressionState)]
+    if len(found) != 1:
+        raise ValueError(f"{who}: expected exactly one compress.as_optax state inside the optimizer state, found "
+                         f"{len(found)}. Pass the state of the chain built with compress.as_optax.")
+    return found[0]
+
+
+def last_message(opt_state: PyTree) -> PyTree:
+    """The message the `as_optax` transformation inside `opt_state` last sent (any nesting of optax states).
+
+    Out of ``pmap`` the state is stacked over devices, and so is the message:
+    take one worker's with `worker_message`, then `decompress` or
+    `message_cost` it.
+    """
+    state = _the_compression_state(opt_state, "last_message")
+    if state.message is None:
+        raise ValueError("last_message: this transformation was built with keep_message=False; build it with "
+                         "compress.as_optax(..., keep_message=True) to keep the message.")
+    return state.message
+
+
+def compressor_state(opt_state: PyTree) -> CompressorState:
+    """The `CompressorState` of the `as_optax` transformation inside `opt_state` (stacked out of ``pmap``)."""
+    return _the_compression_state(opt_state, "compressor_state").compressor_state
