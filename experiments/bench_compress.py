@@ -12,15 +12,20 @@ to the uncompressed step. Prints a Markdown table and writes it to --out.
 
 from __future__ import annotations
 
-import os
-import sys
+from experiments.xla_env import simulate_cpu_devices
 
-if "jax" not in sys.modules:  # must precede the first import of jax
-    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+simulate_cpu_devices(8)
 
-import time
+# Imported after XLA_FLAGS is set, because JAX reads it when first imported.
+import time  # noqa: E402
 
-from absl import app, flags
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from trustsgd_jax import compress, models, results, train  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "resnet18", "convnet | resnet18")
@@ -32,10 +37,8 @@ flags.DEFINE_string("out", None, "also write the table to this Markdown file")
 
 def analytic_words(spec: str, shapes) -> int:
     """Word counts from the formulas alone, independent of the message objects."""
-    from trustsgd_jax import compress
-
     kind, _, arg = spec.partition(":")
-    dense = sum(int(__import__("numpy").prod(s)) for s in shapes)
+    dense = sum(int(np.prod(s)) for s in shapes)
     if kind == "none":
         return dense
     if kind == "powersgd":
@@ -47,13 +50,6 @@ def analytic_words(spec: str, shapes) -> int:
 
 def main(argv):
     del argv
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    import optax
-
-    from trustsgd_jax import compress, models, train
-
     n = jax.local_device_count()
     model = models.make_model(FLAGS.model, 10, norm="batch", axis_name=train.AXIS)
     image_shape = (32, 32, 3)
@@ -95,7 +91,6 @@ def main(argv):
                          analytic=analytic_words(spec, shapes)))
         print(f"{spec}: step {rows[-1]['step']:.3f}s reduce {rows[-1]['reduce']:.3f}s", flush=True)
     base = next((r for r in rows if r["spec"] == "none"), rows[0])
-    from trustsgd_jax import results
 
     lines = [f"ResNet-18 step cost, {n} devices, global batch {FLAGS.batch_size}, {jax.devices()[0].platform}"
              if FLAGS.model == "resnet18" else f"{FLAGS.model}, {n} devices, global batch {FLAGS.batch_size}",

@@ -7,7 +7,7 @@ r"""Speed of the gradient-inversion attack: iterations per second, compile time,
 Rows: one attack, and N independent attacks batched in one program (vmap),
 for each convolution implementation (``patches``: `models.PatchesConv`,
 im2col + matmul, the attack's kernel weight gradients kept factored, see
-`gradinv.Factored`; ``xla``: native convolutions, which XLA:CPU runs slowly
+`objectives.Factored`; ``xla``: native convolutions, which XLA:CPU runs slowly
 inside the attack's scan loop). "aggregate it/s" counts iterations of all
 attacks together; "vs sequential" compares the batched aggregate with N
 single attacks run one after another. "GFLOP/it" is XLA's cost analysis of
@@ -23,7 +23,13 @@ from __future__ import annotations
 import resource
 import time
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 from absl import app, flags
+
+from trustsgd_jax import compress, data, models, results
+from trustsgd_jax.attacks import gradinv, victim
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "resnet18", "convnet | resnet18")
@@ -34,8 +40,6 @@ flags.DEFINE_string("out", None, "also write the table to this Markdown file")
 
 
 def _peak_mb():
-    import jax
-
     dev = jax.devices()[0]
     stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
     if stats and "peak_bytes_in_use" in stats:
@@ -44,9 +48,6 @@ def _peak_mb():
 
 
 def _matmul_gflops(n: int = 2048) -> float:
-    import jax
-    import jax.numpy as jnp
-
     a = jax.random.normal(jax.random.key(0), (n, n))
     mm = jax.jit(lambda a, b: a @ b)
     jax.block_until_ready(mm(a, a))
@@ -59,46 +60,36 @@ def _matmul_gflops(n: int = 2048) -> float:
 
 def main(argv):
     del argv
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from trustsgd_jax import compress, data, models
-    from trustsgd_jax.attacks import gradinv
-
     ds = data.load("cifar10")
     rows = []
     for impl in FLAGS.conv_impls.split(","):
         model = models.make_model(FLAGS.model, 10, norm="batch", conv_impl=impl)
         variables = models.init_variables(model, jax.random.key(0), (32, 32, 3))
-        c = compress.none()
+        # Messages of one-worker eval-mode rounds: the attack's cost does not depend on the round.
+        round_ = victim.make_round(model, compress.none(), workers=1, bn_statistics="eval")
         x = data.normalize(ds.x_train[:FLAGS.batched], "cifar10")
-        msgs = [jax.jit(lambda a, b: gradinv.victim_message(model, variables, a, b, c))(x[i:i + 1],
-                                                                                       ds.y_train[i:i + 1])
-                for i in range(FLAGS.batched)]
-        lo, hi = (jnp.asarray(v) for v in data.pixel_bounds("cifar10"))
+        msgs = [round_(variables, x[None, i:i + 1], ds.y_train[None, i:i + 1]).message for i in range(FLAGS.batched)]
         for n in (1, FLAGS.batched):
             cfg = gradinv.AttackConfig(iterations=10**6, chunk=FLAGS.iterations, parallel=n)
-            init, chunk, _ = gradinv._make_attack_fns(model, variables, "observed", cfg, lo, hi,
-                                                      len(jax.tree.leaves(variables["params"])))
+            attack = gradinv.compile_attack(model, variables, "observed", cfg, "cifar10", (32, 32, 3), train=False,
+                                            width=n)
             msg = jax.tree.map(lambda *a: jnp.stack(a), *msgs[:n])
             y = jnp.asarray(ds.y_train[:n, None].astype(np.int32))
             xs = jax.random.normal(jax.random.key(1), (n, 1, 32, 32, 3))
-            st = init(xs)
+            st = attack.init(xs)
             t0 = time.perf_counter()
-            jax.block_until_ready(chunk(xs, st, msg, y, FLAGS.iterations))
+            jax.block_until_ready(attack.run_chunk(xs, st, msg, y, FLAGS.iterations))
             compile_and_first = time.perf_counter() - t0
             t0 = time.perf_counter()
-            jax.block_until_ready(chunk(xs, st, msg, y, FLAGS.iterations))
+            jax.block_until_ready(attack.run_chunk(xs, st, msg, y, FLAGS.iterations))
             run = time.perf_counter() - t0
-            gflop = chunk.lower(xs, st, msg, y, 1).compile().cost_analysis()["flops"] / 1e9
+            gflop = attack.run_chunk.lower(xs, st, msg, y, 1).compile().cost_analysis()["flops"] / 1e9
             rows.append(dict(impl=impl, n=n, its=FLAGS.iterations / run, agg=n * FLAGS.iterations / run,
                              compile=compile_and_first - run, mem=_peak_mb(), gflop=gflop,
                              rate=gflop * FLAGS.iterations / run))
             print(rows[-1], flush=True)
     single = {r["impl"]: r["agg"] for r in rows if r["n"] == 1}
     best_single = max(single.values())
-    from trustsgd_jax import results
 
     lines = [f"Gradient inversion speed, {FLAGS.model} 32x32x3, B = 1, {jax.devices()[0].platform} "
              f"({jax.devices()[0].device_kind})", ""] + results.markdown_table(

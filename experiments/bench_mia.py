@@ -12,14 +12,13 @@ Timings exclude the first (compiling) steps.
 
 from __future__ import annotations
 
-import os
-import sys
-import time
+from experiments.xla_env import simulate_cpu_devices
 
-if "jax" not in sys.modules:
-    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+simulate_cpu_devices(8)
 
 # Imported after XLA_FLAGS is set, because JAX reads it when first imported.
+import time  # noqa: E402
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402

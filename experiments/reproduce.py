@@ -1,51 +1,76 @@
 r"""Reproduce and extend the study: Table 1, Figure 1 and Table 2 from one resumable run.
 
-    python -m experiments.reproduce                       # --preset=quick: CPU, bundled data, ~10 minutes
+    python -m experiments.reproduce                       # --preset=quick: CPU, bundled data, minutes
     python -m experiments.reproduce --preset=paper        # ResNet-18, paper scale (GPU / several hosts)
 
 Units of work, each appended to ``<workdir>/results.jsonl`` as one fsynced
-line when it finishes (a rerun with the same workdir skips finished units):
+line when it finishes. A unit is a pure function of its record: the record
+names everything the unit reads (its images, the other workers' images, the
+training batch of its victim, ...) and its key is a hash of the whole record,
+so a rerun skips exactly the finished work:
 
-* ``gradinv``: dataset x compressor x threat model x image group: gradient
-  inversion of each image of the group (its own victim batch of
-  ``--victim_batch`` images) from the victim's message, scored by SSIM / PSNR;
-  reconstructions saved under ``recon/``.
+* ``gradinv``: one setting (dataset, compressor, threat model, BatchNorm mode,
+  observer, ...) and a group of victim batches. Each victim batch is worker
+  0's batch in a real round of ``--workers`` workers (`attacks.victim`); its
+  message is inverted and scored by SSIM / PSNR; reconstructions are saved
+  under ``recon/``. A rerun with another ``--group`` or ``--images`` attacks
+  only the victim batches no finished unit covers.
 * ``mia``: dataset x compressor: target and shadow models trained with the
   compressor; threshold attacks and LiRA; the target's accuracy on held-out
   data and its wire bytes (the utility table).
 
-Reports (``experiments/report.py``) are regenerated at the end of every run.
-Presets only set defaults; flags on the command line win.
+A workdir holds one setting: a rerun whose flags change what a finished
+result means (iterations, workers, the victims' training batch, ...) is
+refused with the field named, since merging the two would count one cell
+twice. Reports (``experiments/report.py``) are regenerated at the end of
+every run. Presets (`experiments.presets`) only set defaults; flags on the
+command line win.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 
-if "jax" not in sys.modules:  # 8 simulated CPU workers unless the caller chose otherwise (no effect on GPUs)
-    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+from experiments.xla_env import simulate_cpu_devices
 
-import hashlib
-import json
-import os
-import pathlib
-import sys
-import time
+simulate_cpu_devices(8)
 
-from absl import app, flags
+import hashlib  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import pathlib  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import orbax.checkpoint as ocp  # noqa: E402
+from absl import app, flags  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from experiments import report  # noqa: E402
+from experiments.presets import PRESETS  # noqa: E402
+from trustsgd_jax import compress, data, models, results, train  # noqa: E402
+from trustsgd_jax.attacks import gradinv, membership, shadows, victim  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("preset", "quick", ["tiny", "quick", "paper"], "flag defaults: tiny (tests), quick (CPU), paper")
+flags.DEFINE_enum("preset", "quick", list(PRESETS), "flag defaults: tiny (tests), quick (CPU), paper")
 flags.DEFINE_list("datasets", None, "datasets, e.g. mnist,cifar10,cifar100")
 flags.DEFINE_list("compressors", None, "compressor specs, e.g. none,powersgd:1,topk_level:1")
 flags.DEFINE_list("threat_models", None, "observed and/or adaptive")
-flags.DEFINE_integer("images", None, "images attacked per dataset and configuration")
-flags.DEFINE_integer("victim_batch", 1, "images in one victim batch (B)")
+flags.DEFINE_integer("images", None, "images attacked per dataset and setting")
+flags.DEFINE_integer("victim_batch", 1, "images in one victim batch (B, per worker)")
 flags.DEFINE_integer("group", None, "victim batches attacked together in one program (one unit)")
 flags.DEFINE_integer("iterations", None, "attack iterations")
 flags.DEFINE_integer("restarts", None, "attack restarts")
 flags.DEFINE_float("tv", 1e-4, "total-variation weight")
+flags.DEFINE_integer("workers", None, "data-parallel workers N in the attacked round (the victim is worker 0)")
+flags.DEFINE_enum("batchnorm", "local", list(victim.BATCHNORM),
+                  "BatchNorm synchronisation: local (PyTorch DDP's default) or sync (statistics all-reduced)")
+flags.DEFINE_list("bn_statistics", None, "BatchNorm mode(s) of the attacked round: train (what training sends) "
+                  "and/or eval (running averages, Geiping et al.'s setting)")
+flags.DEFINE_list("observers", ["worker"], "observer(s): worker (worker 0's own message) and/or aggregate")
+flags.DEFINE_integer("start_iter", 0, "PowerSGD sends the plain mean for the first start_iter steps (PyTorch's "
+                     "start_powerSGD_iter; 0 compresses from the first step)")
 flags.DEFINE_integer("attack_step", 0, "attack at this training step (0: first step, no error memory)")
 flags.DEFINE_string("model", None, "convnet | resnet18")
 flags.DEFINE_bool("mia", None, "run membership inference units")
@@ -55,7 +80,7 @@ flags.DEFINE_integer("mia_shadows", None, "shadow models per MIA configuration")
 flags.DEFINE_integer("mia_steps", None, "training steps of target and shadow models")
 flags.DEFINE_integer("mia_pool", None, "images in the MIA pool (members + non-members)")
 flags.DEFINE_integer("parallel_models", 1, "target/shadow models trained at once (train.fit_many); >1 on real devices")
-flags.DEFINE_integer("batch_size", 64, "global training batch")
+flags.DEFINE_integer("batch_size", 64, "global training batch (victims at --attack_step > 0, MIA models)")
 flags.DEFINE_string("data_source", "auto", "auto | npz | sample | tfds")
 flags.DEFINE_string("data_dir", None, "directory of {dataset}.npz (else $TRUSTSGD_DATA_DIR, else bundled sample)")
 flags.DEFINE_string("tfds_data_dir", None, "prepared TFDS data_dir for --data_source=tfds")
@@ -66,116 +91,179 @@ flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-
 flags.DEFINE_integer("num_processes", 1, "processes (multi-host)")
 flags.DEFINE_integer("process_id", 0, "this process (multi-host)")
 
-PRESETS = {
-    "tiny": dict(datasets=["mnist"], compressors=["none", "powersgd:1"], threat_models=["observed"], images=1,
-                 group=1, iterations=20, restarts=1, model="convnet", mia=True, mia_shadows=2, mia_steps=10,
-                 mia_pool=256),
-    "quick": dict(datasets=["mnist", "cifar10", "cifar100"],
-                  compressors=["none", "powersgd:1", "topk_level:1", "powersgd:2", "topk_level:2", "powersgd:4",
-                               "topk_level:4"],
-                  threat_models=["observed", "adaptive"], images=2, group=2, iterations=400, restarts=1,
-                  model="convnet", mia=True, mia_datasets=["cifar10"], mia_compressors=["none", "powersgd:1", "topk_level:1"],
-                  mia_shadows=4, mia_steps=100, mia_pool=1200),
-    "paper": dict(datasets=["cifar10", "cifar100", "mnist"],
-                  compressors=["none", "powersgd:1", "topk_level:1", "powersgd:2", "topk_level:2", "powersgd:4",
-                               "topk_level:4", "powersgd:30", "topk_level:30", "powersgd:50", "topk_level:50"],
-                  threat_models=["observed", "adaptive"], images=10, group=10, iterations=24000, restarts=1,
-                  model="resnet18", mia=True, mia_shadows=16, mia_steps=3000, mia_pool=20000),
-}
-
 
 class ConfigError(ValueError):
     pass
 
 
+# What identifies a result cell in the reports, and what else a finished unit's meaning depends on. Within one
+# workdir the second must agree across units of a kind (see `check_one_setting`).
+CELL_FIELDS = {"gradinv": ("dataset", "compressor", "threat", "bn_statistics", "observer"),
+               "mia": ("dataset", "compressor")}
+SETTING_FIELDS = {
+    "gradinv": ("model", "iterations", "restarts", "tv", "seed", "data_source", "workers", "victim_batch",
+                "batchnorm", "start_iter", "attack_step", "train_batch"),
+    "mia": ("model", "seed", "mia_shadows", "mia_steps", "mia_pool", "batch_size", "data_source"),
+}
+
+
 def apply_preset():
     for name, value in PRESETS[FLAGS.preset].items():
-        if not FLAGS[name].present or getattr(FLAGS, name) is None:
-            if FLAGS[name].present:
-                continue
+        if not FLAGS[name].present:
             setattr(FLAGS, name, value)
     if FLAGS.mia_datasets is None:
         FLAGS.mia_datasets = list(FLAGS.datasets)
     if FLAGS.mia_compressors is None:
         FLAGS.mia_compressors = list(FLAGS.compressors)
     if FLAGS.group is None:
-        FLAGS.group = FLAGS.images
+        FLAGS.group = max(1, FLAGS.images // FLAGS.victim_batch)
 
 
 def unit_key(record: dict) -> str:
-    fields = {k: record[k] for k in sorted(record) if k in KEY_FIELDS}
+    """A hash of everything a unit reads: its whole record (less the key itself)."""
+    fields = {k: v for k, v in record.items() if k != "key"}
     return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
-KEY_FIELDS = ("kind", "dataset", "compressor", "threat", "group_index", "images", "victim_batch", "iterations",
-              "restarts", "tv", "attack_step", "model", "seed", "mia_shadows", "mia_steps", "mia_pool",
-              "batch_size", "data_source")
+def setting_key(record: dict) -> str:
+    """A hash of a gradinv unit's setting: everything but which victim batches it attacks."""
+    kind = record["kind"]
+    fields = {k: record.get(k) for k in ("kind", *CELL_FIELDS[kind], *SETTING_FIELDS[kind])}
+    return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def validate(datasets_loaded, params_by_dataset):
+def validate(params_by_dataset, datasets):
     """All flag errors before any work starts."""
-    from trustsgd_jax import compress
-    from trustsgd_jax.attacks import gradinv
-
     for t in FLAGS.threat_models:
         if t not in gradinv.THREATS:
             raise ConfigError(f"unknown threat model {t!r}; use {', '.join(gradinv.THREATS)}.")
+    for o in FLAGS.observers:
+        if o not in victim.OBSERVERS:
+            raise ConfigError(f"unknown observer {o!r}; use {', '.join(victim.OBSERVERS)}.")
+    for b in FLAGS.bn_statistics:
+        if b not in victim.BN_STATISTICS:
+            raise ConfigError(f"unknown --bn_statistics {b!r}; use {', '.join(victim.BN_STATISTICS)}.")
     if FLAGS.images < 1 or FLAGS.iterations < 1 or FLAGS.restarts < 1 or FLAGS.group < 1:
         raise ConfigError("--images, --iterations, --restarts and --group must be >= 1.")
-    if FLAGS.images % FLAGS.victim_batch:
+    if FLAGS.victim_batch < 1 or FLAGS.images % FLAGS.victim_batch:
         raise ConfigError(f"--images={FLAGS.images} is not a multiple of --victim_batch={FLAGS.victim_batch}.")
+    if FLAGS.start_iter < 0:
+        raise ConfigError(f"--start_iter must be >= 0, got {FLAGS.start_iter}.")
+    if FLAGS.attack_step < 0:
+        raise ConfigError(f"--attack_step must be >= 0, got {FLAGS.attack_step}.")
+    try:
+        victim.check_workers(FLAGS.workers)
+    except gradinv.AttackError as e:
+        raise ConfigError(f"--workers: {e}") from e
     for name, params in params_by_dataset.items():
-        import jax
-        import numpy as np
-
+        n_train = len(datasets[name].x_train)
+        if FLAGS.images > n_train:
+            raise ConfigError(f"--images={FLAGS.images} exceeds the {n_train} images of {name}.")
+        if FLAGS.workers * FLAGS.victim_batch > n_train:
+            raise ConfigError(f"--workers={FLAGS.workers} x --victim_batch={FLAGS.victim_batch} exceeds the {n_train} "
+                              f"training images of {name}.")
         shapes = [np.shape(x) for x in jax.tree.leaves(params)]
         for spec in FLAGS.compressors:
-            c = compress.from_spec(spec, params)  # raises on unknown specs
+            compress.from_spec(spec, params)  # raises on unknown specs
             kind, _, arg = spec.partition(":")
-            if kind in ("powersgd", "topk_level"):
-                if not any(compress.powersgd_plan(shapes, int(arg))):
-                    useful = max((r for r in range(1, 513) if any(compress.powersgd_plan(shapes, r))), default=0)
-                    raise ConfigError(f"{spec}: rank {arg} compresses no tensor of {FLAGS.model} on {name} "
-                                      f"(every tensor would travel in full); the largest useful rank is {useful}.")
-            del c
+            if kind in ("powersgd", "topk_level") and not any(compress.powersgd_plan(shapes, int(arg))):
+                useful = max((r for r in range(1, 513) if any(compress.powersgd_plan(shapes, r))), default=0)
+                raise ConfigError(f"{spec}: rank {arg} compresses no tensor of {FLAGS.model} on {name} "
+                                  f"(every tensor would travel in full); the largest useful rank is {useful}.")
 
 
 def prepare():
     """Everything that can be wrong with the flags fails here, before any work starts."""
-    import jax
-
-    from trustsgd_jax import data, models, results
-
     workdir = results.ensure_workdir(FLAGS.workdir)
     datasets = {}
     for name in sorted(set(FLAGS.datasets) | set(FLAGS.mia_datasets if FLAGS.mia else [])):
         datasets[name] = data.load(name, FLAGS.data_source, FLAGS.data_dir, FLAGS.tfds_data_dir)
-    attack_models, variables = {}, {}
+    params = {}
     for name in FLAGS.datasets:
         ds = datasets[name]
-        attack_models[name] = models.make_model(FLAGS.model, ds.num_classes, norm="batch", conv_impl="patches")
-        variables[name] = models.init_variables(attack_models[name], jax.random.key(FLAGS.seed), ds.image_shape)
-        if FLAGS.images > len(ds.x_train):
-            raise ConfigError(f"--images={FLAGS.images} exceeds the {len(ds.x_train)} images of {name}.")
-    validate(datasets, {n: v["params"] for n, v in variables.items()})
-    return workdir, datasets, attack_models, variables
+        model = models.make_model(FLAGS.model, ds.num_classes, norm="batch")
+        params[name] = models.init_variables(model, jax.random.key(FLAGS.seed), ds.image_shape)["params"]
+    validate(params, datasets)
+    return workdir, datasets
+
+
+def victim_batches(ds, images: int, batch: int, workers: int, seed: int) -> list[tuple[list, list]]:
+    """The victim batches of a setting: (victim ids [B], other workers' ids [N-1, B]), from a seeded order."""
+    order = np.random.default_rng(seed).permutation(len(ds.x_train))
+    out = []
+    for j in range(images // batch):
+        ids = order[j * batch:(j + 1) * batch]
+        out.append((ids.tolist(), victim.other_worker_ids(ids, len(ds.x_train), workers, seed).tolist()))
+    return out
+
+
+def plan_units(datasets, done_records) -> list[dict]:
+    """Every unit of this run; gradinv units cover exactly the victim batches no finished unit covers."""
+    covered: dict[str, set] = {}
+    for r in done_records:
+        if r.get("kind") == "gradinv":
+            covered.setdefault(setting_key(r), set()).update(tuple(v) for v in r["victim_ids"])
+    units = []
+    for name in FLAGS.datasets:
+        ds = datasets[name]
+        batches = victim_batches(ds, FLAGS.images, FLAGS.victim_batch, FLAGS.workers, FLAGS.seed)
+        for spec in FLAGS.compressors:
+            for threat in FLAGS.threat_models:
+                if threat == "adaptive" and spec in ("none", "sgd"):
+                    continue  # nothing to adapt to: identical to observed
+                for bn in FLAGS.bn_statistics:
+                    for observer in FLAGS.observers:
+                        if observer == "aggregate" and threat == "adaptive":
+                            continue  # the aggregate is a dense mixture: nothing to adapt to
+                        setting = dict(
+                            kind="gradinv", dataset=name, compressor=spec, threat=threat, bn_statistics=bn,
+                            observer=observer, model=FLAGS.model, iterations=FLAGS.iterations,
+                            restarts=FLAGS.restarts, tv=FLAGS.tv, seed=FLAGS.seed, data_source=ds.source,
+                            workers=FLAGS.workers, victim_batch=FLAGS.victim_batch, batchnorm=FLAGS.batchnorm,
+                            start_iter=FLAGS.start_iter if spec.startswith("powersgd") else 0,
+                            attack_step=FLAGS.attack_step,
+                            train_batch=FLAGS.batch_size if FLAGS.attack_step > 0 else None)
+                        done = covered.get(setting_key(setting), set())
+                        todo = [b for b in batches if tuple(b[0]) not in done]
+                        for g in range(0, len(todo), FLAGS.group):
+                            chunk = todo[g:g + FLAGS.group]
+                            units.append(dict(setting, victim_ids=[b[0] for b in chunk],
+                                              worker_ids=[b[1] for b in chunk]))
+    if FLAGS.mia:
+        for name in FLAGS.mia_datasets:
+            for spec in FLAGS.mia_compressors:
+                units.append(dict(kind="mia", dataset=name, compressor=spec, model=FLAGS.model, seed=FLAGS.seed,
+                                  mia_shadows=FLAGS.mia_shadows, mia_steps=FLAGS.mia_steps, mia_pool=FLAGS.mia_pool,
+                                  batch_size=FLAGS.batch_size, data_source=datasets[name].source))
+    for u in units:
+        u["key"] = unit_key(u)
+    return units
+
+
+def check_one_setting(units, done_records, results_path) -> None:
+    """Refuses a run whose setting differs from the finished units' in the same workdir (see the module doc)."""
+    for u in units:
+        kind = u["kind"]
+        for r in done_records:
+            if r.get("kind") != kind:
+                continue
+            differ = [f for f in SETTING_FIELDS[kind] if r.get(f) != u.get(f)]
+            if differ:
+                f = differ[0]
+                raise ConfigError(
+                    f"{results_path} holds {kind} results with {f}={r.get(f)!r}; this run has {f}={u.get(f)!r}. A "
+                    "workdir holds one setting (merging would mix or double-count results): rerun with the same flags "
+                    "or pass another --workdir.")
 
 
 def main(argv):
     del argv
-    import jax
-
     if FLAGS.coordinator_address:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    import numpy as np
-
-    from experiments import report
-    from trustsgd_jax import data, results
-
     apply_preset()
     try:
-        workdir, datasets, attack_models, variables = prepare()
+        workdir, datasets = prepare()
     except (data.DataError, results.ResultsError, ValueError) as e:
         raise ConfigError(str(e)) from e
     is_main = jax.process_index() == 0
@@ -185,48 +273,26 @@ def main(argv):
     if damaged is not None:
         print(f"WARNING: the last line of {results_path} was cut short (a run was killed while writing); moved it "
               f"to {results_path}.corrupt and that unit will be redone: {damaged[:80]!r}", flush=True)
-    done = {r.get("key") for r in results.read_records(results_path).records}
+    done_records = results.read_records(results_path).records
+    done = {r.get("key") for r in done_records}
+    units = plan_units(datasets, done_records)
+    check_one_setting(units, done_records, results_path)
     (workdir / "recon").mkdir(exist_ok=True)
     (workdir / "roc").mkdir(exist_ok=True)
-
-    units = []
-    for name in FLAGS.datasets:
-        n_groups = -(-FLAGS.images // (FLAGS.group * FLAGS.victim_batch))
-        for spec in FLAGS.compressors:
-            for threat in FLAGS.threat_models:
-                if threat == "adaptive" and spec in ("none", "sgd"):
-                    continue  # nothing to adapt to: identical to observed
-                for g in range(n_groups):
-                    units.append(dict(kind="gradinv", dataset=name, compressor=spec, threat=threat, group_index=g,
-                                      images=FLAGS.images, victim_batch=FLAGS.victim_batch,
-                                      iterations=FLAGS.iterations, restarts=FLAGS.restarts, tv=FLAGS.tv,
-                                      attack_step=FLAGS.attack_step, model=FLAGS.model, seed=FLAGS.seed,
-                                      data_source=datasets[name].source))
-    if FLAGS.mia:
-        for name in FLAGS.mia_datasets:
-            for spec in FLAGS.mia_compressors:
-                units.append(dict(kind="mia", dataset=name, compressor=spec, model=FLAGS.model, seed=FLAGS.seed,
-                                  mia_shadows=FLAGS.mia_shadows, mia_steps=FLAGS.mia_steps, mia_pool=FLAGS.mia_pool,
-                                  batch_size=FLAGS.batch_size, data_source=datasets[name].source))
-    for u in units:
-        u["key"] = unit_key(u)
     todo = [u for u in units if u["key"] not in done]
     if is_main:
-        print(f"{len(units)} units, {len(units) - len(todo)} already done in {results_path}; {len(todo)} to run",
-              flush=True)
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(units), initial=len(units) - len(todo), desc="units", unit="unit", dynamic_ncols=True,
-               disable=not (FLAGS.progress and is_main))
+        print(f"{len(todo)} units to run; {len(done_records)} already done in {results_path}", flush=True)
+    bar = tqdm(total=len(todo), desc="units", unit="unit", dynamic_ncols=True, disable=not (FLAGS.progress and is_main))
     for u in todo:
         t0 = time.time()
+        ds = datasets[u["dataset"]]
         if u["kind"] == "gradinv":
-            record = run_gradinv_unit(u, datasets[u["dataset"]], attack_models[u["dataset"]],
-                                      variables[u["dataset"]], workdir)
-            line = (f"{u['dataset']} {u['compressor']} {u['threat']} group {u['group_index']}: "
-                    f"SSIM {np.mean(record['ssim']):.3f} PSNR {np.mean(record['psnr']):.1f} dB")
+            record = run_gradinv_unit(u, ds, workdir, FLAGS.progress)
+            line = (f"{u['dataset']} {u['compressor']} {u['threat']} {u['bn_statistics']}-mode {u['observer']} "
+                    f"images {sum(u['victim_ids'], [])}: SSIM {np.mean(record['ssim']):.3f} "
+                    f"PSNR {np.mean(record['psnr']):.1f} dB")
         else:
-            record = run_mia_unit(u, datasets[u["dataset"]], workdir)
+            record = run_mia_unit(u, ds, workdir, FLAGS.parallel_models)
             t = record["attacks"]
             line = (f"MIA {u['dataset']} {u['compressor']}: loss AUC {t['loss']['auc']:.3f}, LiRA TPR@1%FPR "
                     f"{t.get('lira_online', t['loss'])['tpr@1%fpr']:.3f}, test acc {record['test_accuracy']:.3f}")
@@ -241,91 +307,93 @@ def main(argv):
     return 0
 
 
-def run_gradinv_unit(u, ds, model, variables, workdir):
-    import jax
-    import numpy as np
+def _compressor(u, params):
+    if u["compressor"].startswith("powersgd"):
+        return compress.from_spec(u["compressor"], params, seed=u["seed"], start_iter=u["start_iter"])
+    return compress.from_spec(u["compressor"], params, seed=u["seed"])
 
-    from trustsgd_jax import compress, data, results, train
-    from trustsgd_jax.attacks import gradinv
 
-    b = u["victim_batch"]
-    per_group = FLAGS.group * b
-    ids = np.arange(u["group_index"] * per_group, min((u["group_index"] + 1) * per_group, u["images"]))
-    # Attacked images: a fixed, seeded draw from the training split.
-    order = np.random.default_rng(u["seed"]).permutation(len(ds.x_train))
-    pick = order[ids]
-    x = data.normalize(ds.x_train[pick], ds.name)
-    y = ds.y_train[pick]
-    c = compress.from_spec(u["compressor"], variables["params"], seed=u["seed"])
-    state = None
+def run_gradinv_unit(u: dict, ds: data.Dataset, workdir: pathlib.Path, progress: bool = False) -> dict:
+    """One gradinv unit: a pure function of its record `u` (and the dataset it names)."""
+    model = models.make_model(u["model"], ds.num_classes, norm="batch")
+    variables = models.init_variables(model, jax.random.key(u["seed"]), ds.image_shape)
+    compressor = _compressor(u, variables["params"])
+    comp_state = None
     if u["attack_step"] > 0:
-        variables, state = trained_victim(u, ds, c)
+        variables, comp_state = trained_victim(u, ds, workdir)
+    ids = np.asarray(u["victim_ids"])  # [n, B]
+    others = np.asarray(u["worker_ids"])  # [n, N-1, B]
+    n, b = ids.shape
+    x = data.normalize(ds.x_train[ids.reshape(-1)], ds.name)
+    y = ds.y_train[ids.reshape(-1)]
+    ox = data.normalize(ds.x_train[others.reshape(-1)], ds.name).reshape(*others.shape, *ds.image_shape)
+    oy = ds.y_train[others]
     cfg = gradinv.AttackConfig(iterations=u["iterations"], restarts=u["restarts"], tv=u["tv"],
-                               chunk=min(100, u["iterations"]), parallel=len(ids) // b * u["restarts"],
-                               seed=u["seed"])
-    r = gradinv.audit(model, variables, x, y, c, dataset=ds.name, threat=u["threat"], config=cfg, batch_size=b,
-                      compressor_state=state, progress=FLAGS.progress)
+                               chunk=min(100, u["iterations"]), parallel=n * u["restarts"], seed=u["seed"])
+    r = gradinv.audit(model, variables, x, y, compressor, dataset=ds.name, threat=u["threat"], config=cfg,
+                      batch_size=b, workers=u["workers"], other_images=ox, other_labels=oy, observer=u["observer"],
+                      bn_statistics=u["bn_statistics"], batchnorm=u["batchnorm"], comp_state=comp_state,
+                      step=u["attack_step"], seeds=ids[:, 0], progress=progress)
     recon = pathlib.Path("recon") / f"{u['key']}.npz"
-    import io
-
     buf = io.BytesIO()
     np.savez_compressed(buf, reconstructions=(r.reconstructions * 255).round().astype(np.uint8),
-                        originals=(r.originals * 255).round().astype(np.uint8), image_ids=pick)
+                        originals=(r.originals * 255).round().astype(np.uint8), image_ids=ids.reshape(-1))
     results.write_atomic(workdir / recon, buf.getvalue())
-    return dict(u, image_ids=pick.tolist(), labels=y.tolist(), ssim=r.per_image["ssim"].tolist(),
+    return dict(u, image_ids=ids.reshape(-1).tolist(), labels=y.tolist(), ssim=r.per_image["ssim"].tolist(),
                 psnr=r.per_image["psnr"].tolist(), mse=r.per_image["mse"].tolist(),
                 matching_loss=r.matching_loss.tolist(), wire_words=r.wire.words,
                 uncompressed_words=sum(int(np.prod(np.shape(p))) for p in jax.tree.leaves(variables["params"])),
                 recon=str(recon))
 
 
-_VICTIMS = {}
+def trained_victim(u: dict, ds: data.Dataset, workdir: pathlib.Path):
+    """(variables, the N workers' compressor states) after `attack_step` steps of one real N-worker run.
 
-
-def trained_victim(u, ds, compressor):
-    """(variables, worker 0's compressor state) after `attack_step` steps of compressed training.
-
-    Trained once per (dataset, compressor, step, ...) and shared by every
-    threat model and image group that attacks it; a resumed run retrains it
-    once (training is seeded, so the victim is the same).
+    Trained once per (dataset, compressor, step, workers, BatchNorm, training
+    batch, ...) and checkpointed with orbax under ``victims/``, so every
+    threat model, mode and image group, and every resumed run, attacks the
+    same trained model. Worker 0's BatchNorm buffers stand for all workers'
+    (DDP broadcasts them every step).
     """
-    import jax
-
-    from trustsgd_jax import data, models, train
-
-    key = (u["dataset"], u["compressor"], u["attack_step"], u["model"], u["seed"], FLAGS.batch_size)
-    if key not in _VICTIMS:
-        dp_model = models.make_model(u["model"], ds.num_classes, norm="batch", axis_name=train.AXIS)
-        fitted = train.fit(dp_model, compressor, data.normalize(ds.x_train, ds.name), ds.y_train,
-                           steps=u["attack_step"], global_batch=FLAGS.batch_size, seed=u["seed"], progress=False)
-        _VICTIMS[key] = ({"params": fitted.state.params, "batch_stats": fitted.state.batch_stats},
-                         jax.tree.map(lambda s: s[0], fitted.state.comp_state))  # the victim is worker 0
+    fields = ("dataset", "compressor", "attack_step", "model", "seed", "train_batch", "workers", "batchnorm",
+              "start_iter", "data_source")
+    key = hashlib.sha1(json.dumps({f: u[f] for f in fields}, sort_keys=True).encode()).hexdigest()[:16]
+    path = (workdir / "victims" / key).absolute()
+    model = victim.data_parallel_model(models.make_model(u["model"], ds.num_classes, norm="batch"), u["batchnorm"])
+    initial = models.init_variables(model, jax.random.key(u["seed"]), ds.image_shape)
+    compressor = _compressor(u, initial["params"])
+    template = {"params": initial["params"], "batch_stats": initial.get("batch_stats", {}),
+                "comp_state": train.replicate(compressor.init(initial["params"]), u["workers"])}
+    checkpointer = ocp.StandardCheckpointer()
+    if not path.exists():
+        fitted = train.fit(model, compressor, data.normalize(ds.x_train, ds.name), ds.y_train,
+                           steps=u["attack_step"], global_batch=u["train_batch"], seed=u["seed"], progress=False,
+                           devices=jax.local_devices()[:u["workers"]])
+        tree = {"params": fitted.state.params, "batch_stats": fitted.state.batch_stats,
+                "comp_state": fitted.state.comp_state}
+        checkpointer.save(path, tree)  # orbax writes to a temporary directory and renames it when complete
+        checkpointer.wait_until_finished()
         if jax.process_index() == 0:
-            print(f"trained the victim for {u['dataset']} {u['compressor']} to step {u['attack_step']}", flush=True)
-    return _VICTIMS[key]
+            print(f"trained the victim for {u['dataset']} {u['compressor']} to step {u['attack_step']} "
+                  f"({u['workers']} workers) -> {path}", flush=True)
+    tree = checkpointer.restore(path, template)
+    return {"params": tree["params"], "batch_stats": tree["batch_stats"]}, tree["comp_state"]
 
 
-def run_mia_unit(u, ds, workdir):
-    import numpy as np
-
-    from trustsgd_jax import data, models, results, train
-    from trustsgd_jax.attacks import membership as mia
-
+def run_mia_unit(u: dict, ds: data.Dataset, workdir: pathlib.Path, parallel_models: int = 1) -> dict:
+    """One MIA unit: a pure function of its record `u`; `parallel_models` changes speed, not results."""
     x = np.concatenate([ds.x_train, ds.x_test])[: u["mia_pool"]]
     y = np.concatenate([ds.y_train, ds.y_test])[: u["mia_pool"]]
     x = data.normalize(x, ds.name)
     split = pathlib.Path("roc") / f"{u['key']}_split.npz"
-    setup = mia.train_target_and_shadows(
+    setup = shadows.train_target_and_shadows(
         x, y, model_fn=lambda: models.make_model(u["model"], ds.num_classes, norm="batch", axis_name=train.AXIS),
         compressor_spec=u["compressor"], num_shadows=u["mia_shadows"], steps=u["mia_steps"],
-        global_batch=u["batch_size"], seed=u["seed"], split_path=workdir / split,
-        parallel_models=FLAGS.parallel_models)
-    rep = mia.evaluate_membership(setup.target_predict, x, y, setup.is_member, shadow_predicts=setup.shadow_predicts,
-                                  shadow_in=setup.shadow_in, augment="flip" if ds.name != "mnist" else "none",
-                                  bootstrap=200, seed=u["seed"])
+        global_batch=u["batch_size"], seed=u["seed"], split_path=workdir / split, parallel_models=parallel_models)
+    rep = membership.evaluate_membership(
+        setup.target_predict, x, y, setup.is_member, shadow_predicts=setup.shadow_predicts,
+        shadow_in=setup.shadow_in, augment="flip" if ds.name != "mnist" else "none", bootstrap=200, seed=u["seed"])
     roc = pathlib.Path("roc") / f"{u['key']}.npz"
-    import io
-
     buf = io.BytesIO()
     np.savez_compressed(buf, **{f"{k}_fpr": v[0] for k, v in rep.roc.items()},
                         **{f"{k}_tpr": v[1] for k, v in rep.roc.items()})

@@ -14,16 +14,20 @@ On CPU, JAX's gloo collectives carry the step between processes.
 
 from __future__ import annotations
 
-import os
-import sys
+from experiments.xla_env import simulate_cpu_devices
 
-if "jax" not in sys.modules:  # 8 simulated CPU workers unless the caller chose otherwise (no effect on GPUs)
-    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+simulate_cpu_devices(8)
 
-import os
-import sys
+# Imported after XLA_FLAGS is set, because JAX reads it when first imported.
+import os  # noqa: E402
 
-from absl import app, flags
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+import orbax.checkpoint as ocp  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from trustsgd_jax import compress, data, models, results, train  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("dataset", "mnist", "mnist | cifar10 | cifar100")
@@ -48,17 +52,10 @@ flags.DEFINE_integer("process_id", 0, "this process's index (with --coordinator_
 
 def main(argv):
     del argv
-    import jax
-
     if FLAGS.coordinator_address:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                    num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
-    import numpy as np
-    import optax
-
-    from trustsgd_jax import compress, data, models, results, train
-
     workdir = results.ensure_workdir(FLAGS.workdir)
     ds = data.load(FLAGS.dataset, FLAGS.data_source, FLAGS.data_dir, FLAGS.tfds_data_dir)
     train.check_batch(FLAGS.batch_size, jax.device_count())
@@ -92,8 +89,6 @@ def main(argv):
             results.append_record(metrics_path, rec)
         results.write_json(workdir / "summary.json", summary)
     if FLAGS.checkpoint:
-        import orbax.checkpoint as ocp
-
         ckpt = ocp.StandardCheckpointer()
         ckpt.save(os.path.abspath(workdir / "checkpoint"), {"params": result.state.params,
                                                            "batch_stats": result.state.batch_stats}, force=True)

@@ -6,9 +6,15 @@ import numpy as np
 import pytest
 
 from trustsgd_jax import compress, data, metrics, models, train
-from trustsgd_jax.attacks import gradinv
+from trustsgd_jax.attacks import gradinv, labels, objectives, victim
 
 CFG = gradinv.AttackConfig(iterations=400, chunk=100, parallel=4)
+
+
+def one_worker_message(model, variables, x, y, compressor, bn_statistics="eval", comp_state=None):
+    """Worker 0's message in a one-worker round (a real round of the training step)."""
+    round_ = victim.make_round(model, compressor, workers=1, bn_statistics=bn_statistics)
+    return round_(variables, x[None], y[None], comp_state).message
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +34,7 @@ def ssim_by_setting(cifar):
     for spec, threat in [("none", "observed"), ("powersgd:1", "observed"), ("topk_level:1", "observed"),
                          ("topk_level:1", "adaptive")]:
         r = gradinv.audit(model, variables, x, y, compress.from_spec(spec, variables["params"]), dataset="cifar10",
-                          threat=threat, config=CFG, progress=False)
+                          threat=threat, config=CFG, bn_statistics="eval", progress=False)
         assert np.isfinite(r.per_image["ssim"]).all()
         out[spec, threat] = r.summary["ssim"]["mean"]
     return out
@@ -55,22 +61,22 @@ def test_factored_gradients_equal_plain_autodiff(cifar):
     variables = models.init_variables(model, jax.random.key(1), (16, 16, 3))
     x = data.normalize(ds.x_train[:2, ::2, ::2], "cifar10")
     y = jnp.asarray(ds.y_train[:2].astype(np.int32))
-    plain = jax.tree.leaves(jax.jit(gradinv.param_grads, static_argnums=0)(model, variables, x, y))
-    factored = jax.jit(gradinv.factored_param_grads, static_argnums=0)(model, variables, x, y)
+    plain = jax.tree.leaves(jax.jit(objectives.param_grads, static_argnums=0)(model, variables, x, y))
+    factored = jax.jit(objectives.factored_param_grads, static_argnums=0)(model, variables, x, y)
     routes = set()
     for p, f in zip(plain, factored):
-        if isinstance(f, gradinv.Factored):
+        if isinstance(f, objectives.Factored):
             rows, k, c = f.patches.size // f.patches.shape[-1], f.patches.shape[-1], f.cotangent.shape[-1]
             routes.add(rows * (k + c) < k * c)  # True: the Gram route
             f = f.dense(p.shape)
         np.testing.assert_allclose(f, p, rtol=1e-4, atol=1e-6)
     assert routes == {True, False}, "both the Gram and the explicit route should be exercised"
     # A target from other images; the linear weights make the tensor order matter.
-    target = jax.tree.leaves(gradinv.param_grads(model, variables, x[::-1] + 0.5, y))
-    w = gradinv.tensor_weights(len(target), "linear")
-    loss_plain = lambda z: gradinv.cosine_distance(jax.tree.leaves(gradinv.param_grads(model, variables, z, y)),
+    target = jax.tree.leaves(objectives.param_grads(model, variables, x[::-1] + 0.5, y))
+    w = objectives.tensor_weights(len(target), "linear")
+    loss_plain = lambda z: objectives.cosine_distance(jax.tree.leaves(objectives.param_grads(model, variables, z, y)),
                                                    target, w)
-    loss_factored = lambda z: gradinv.cosine_distance(gradinv.factored_param_grads(model, variables, z, y), target, w)
+    loss_factored = lambda z: objectives.cosine_distance(objectives.factored_param_grads(model, variables, z, y), target, w)
     np.testing.assert_allclose(jax.jit(loss_factored)(x), jax.jit(loss_plain)(x), rtol=1e-5)
     g_plain, g_factored = jax.jit(jax.grad(loss_plain))(x), jax.jit(jax.grad(loss_factored))(x)
     assert float(jnp.linalg.norm(g_factored - g_plain) / jnp.linalg.norm(g_plain)) < 1e-4
@@ -93,21 +99,21 @@ def test_native_and_patches_models_are_the_same_model(cifar):
 def test_adaptive_powersgd_matches_projected_gradient(cifar):
     ds, model, variables = cifar
     x, y = data.normalize(ds.x_train[:1], "cifar10"), ds.y_train[:1]
-    msg = gradinv.victim_message(model, variables, x, y, compress.powersgd(2))
-    grads = gradinv.param_grads(model, variables, x, y)
+    msg = one_worker_message(model, variables, x, y, compress.powersgd(2))
+    grads = objectives.param_grads(model, variables, x, y)
     # At the true image the adaptive features coincide: M(x)^T P_hat == sent Q.
-    a = gradinv.dummy_features(grads, msg, "adaptive")
-    b = gradinv.target_features(msg, "adaptive")
-    assert float(gradinv.cosine_distance(a, b, [1.0] * len(a))) < 1e-5
-    assert any(isinstance(m, compress.LowRank) for m in jax.tree.leaves(msg, is_leaf=compress._is_message))
+    a = objectives.dummy_features(grads, msg, "adaptive")
+    b = objectives.target_features(msg, "adaptive")
+    assert float(objectives.cosine_distance(a, b, [1.0] * len(a))) < 1e-5
+    assert any(isinstance(m, compress.LowRank) for m in objectives.message_leaves(msg))
 
 
 def test_cosine_distance_and_tv_by_hand():
     a, b = [jnp.array([1.0, 0.0]), jnp.array([0.0])], [jnp.array([1.0, 1.0]), jnp.array([0.0])]
-    np.testing.assert_allclose(gradinv.cosine_distance(a, b, [1.0, 1.0]), 1 - 1 / np.sqrt(2), rtol=1e-6)
+    np.testing.assert_allclose(objectives.cosine_distance(a, b, [1.0, 1.0]), 1 - 1 / np.sqrt(2), rtol=1e-6)
     x = jnp.zeros((1, 2, 3, 1)).at[0, 0, 0, 0].set(1.0)
     # |dH|: one of 3 differences is 1 -> 1/3; |dW|: one of 4 -> 1/4.
-    np.testing.assert_allclose(gradinv.total_variation(x), 1 / 3 + 1 / 4, rtol=1e-6)
+    np.testing.assert_allclose(objectives.total_variation(x), 1 / 3 + 1 / 4, rtol=1e-6)
 
 
 def test_metrics_identity_and_hand_computed_values():
@@ -144,8 +150,8 @@ def test_idlg_infers_labels_untrained_and_trained():
     idx = np.arange(0, 4000, 400)  # one image of every class
     for variables in (untrained, trained):
         for i in idx:
-            msg = gradinv.victim_message(eval_model, variables, x[i:i + 1], y[i:i + 1], compress.none())
-            assert gradinv.infer_labels_idlg(msg, 10)[0] == y[i]
+            msg = one_worker_message(eval_model, variables, x[i:i + 1], y[i:i + 1], compress.none())
+            assert labels.infer_labels_idlg(msg, 10)[0] == y[i]
 
 
 def test_bad_inputs_raise_clear_errors(cifar):
@@ -165,7 +171,7 @@ def test_bad_inputs_raise_clear_errors(cifar):
         gradinv.audit(model, variables, x, y, c, threat="oracle", **kw)
     other = models.make_model("convnet", 10, norm="batch", width=8)
     other_vars = models.init_variables(other, jax.random.key(0), (32, 32, 3))
-    foreign = gradinv.victim_message(other, other_vars, x, y, c)
+    foreign = one_worker_message(other, other_vars, x, y, c)
     with pytest.raises(gradinv.AttackError, match="another model"):
         gradinv.invert_gradients(model, variables, [foreign], y[None], (32, 32, 3), "cifar10", config=CFG)
     zeros = jax.tree.map(jnp.zeros_like, variables["params"])
@@ -175,21 +181,38 @@ def test_bad_inputs_raise_clear_errors(cifar):
 
 
 def test_attack_at_step_t_of_a_real_compressed_run():
-    """The victim's message at step t carries error memory and a warm-started Q the attacker does not know."""
+    """At step t the round starts from a real 4-worker run's state: error memory and the warm-started Q."""
     ds = data.load("mnist", source="sample")
     x, y = data.normalize(ds.x_train, "mnist"), ds.y_train
-    dp = models.make_model("convnet", 10, norm="batch", axis_name=train.AXIS)
+    dp = models.make_model("convnet", 10, norm="batch_local", axis_name=train.AXIS)
     c = compress.powersgd(rank=1)
-    fitted = train.fit(dp, c, x, y, steps=5, global_batch=64, progress=False)
-    victim_state = jax.tree.map(lambda s: s[0], fitted.state.comp_state)
-    assert int(victim_state.step) == 5
-    assert max(float(jnp.abs(m).max()) for m in jax.tree.leaves(victim_state.memory)) > 0
-    model = models.make_model("convnet", 10, norm="batch", conv_impl="patches")
+    fitted = train.fit(dp, c, x, y, steps=5, global_batch=64, progress=False, devices=jax.local_devices()[:4])
+    states = fitted.state.comp_state
+    assert np.asarray(states.step).tolist() == [5] * 4
+    assert max(float(jnp.abs(m[0]).max()) for m in jax.tree.leaves(states.memory)) > 0
+    model = models.make_model("convnet", 10, norm="batch")
     variables = {"params": fitted.state.params, "batch_stats": fitted.state.batch_stats}
-    later = gradinv.victim_message(model, variables, x[:1], y[:1], c, victim_state)
-    first = gradinv.victim_message(model, variables, x[:1], y[:1], c)
+    ids = np.array([0, 1, 2, 3])
+    round_ = victim.make_round(model, c, workers=4, bn_statistics="train", batchnorm="local")
+    later = round_(variables, x[ids][:, None], y[ids][:, None], states).message
+    first = round_(variables, x[ids][:, None], y[ids][:, None]).message
     assert not np.allclose(compress.decompress(later)["Conv_1"]["kernel"],
                            compress.decompress(first)["Conv_1"]["kernel"])
     r = gradinv.audit(model, variables, x[:1], y[:1], c, dataset="mnist", config=CFG._replace(iterations=50),
-                      compressor_state=victim_state, progress=False)
+                      workers=4, other_images=x[1:4][None, :, None], other_labels=y[1:4][None, :, None],
+                      bn_statistics="train", batchnorm="local", comp_state=states, step=5, progress=False)
     assert np.isfinite(r.per_image["ssim"]).all() and r.iterations == 50
+    assert r.setting == dict(workers=4, batch=1, observer="worker", bn_statistics="train", batchnorm="local", step=5)
+
+
+def test_linear_layer_weights_follow_depth_on_resnet18():
+    """Flax sorts parameter names (``fc`` first); the forward pass decides: the stem weighs most, the head least."""
+    model = models.make_model("resnet18", 10, norm="batch", width=8)
+    variables = models.init_variables(model, jax.random.key(0), (32, 32, 3))
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(variables["params"])]
+    w = objectives.tensor_weights(len(paths), "linear", objectives.forward_order(model, variables, (32, 32, 3)))
+    by_path = dict(zip(paths, w, strict=True))
+    assert by_path["['stem_conv']['kernel']"] == 1.0 == max(w)
+    assert by_path["['fc']['bias']"] == min(w) and by_path["['fc']['kernel']"] > by_path["['fc']['bias']"]
+    assert by_path["['layer1_0']['conv1']['kernel']"] > by_path["['layer4_1']['conv2']['kernel']"]
+    assert paths[0].startswith("['fc']")  # leaf order alone would have put the head first

@@ -56,7 +56,8 @@ def test_tiny_run_writes_every_report_and_tables_parse_back(full_run):
         assert f"{r['test_accuracy']:.4f}" in (workdir / "utility.md").read_text()
     assert "oracle" in t2 and "calibrated" in t2
     assert "## Claims" in (workdir / "report.md").read_text()
-    assert "SSIM" in stdout and "4 units" in stdout
+    assert "SSIM" in stdout and "4 units to run" in stdout
+    assert all(r["workers"] == 2 and r["bn_statistics"] == "eval" and r["observer"] == "worker" for r in gradinv)
 
 
 def test_attack_at_step_t_trains_each_victim_once(tmp_path):
@@ -68,6 +69,47 @@ def test_attack_at_step_t_trains_each_victim_once(tmp_path):
     recs = [json.loads(line) for line in lines(tmp_path / "results.jsonl")]
     assert len(recs) == 4 and {r["attack_step"] for r in recs} == {2}
     assert all(np.isfinite(r["ssim"]).all() for r in recs)
+
+
+def gradinv_ids(workdir):
+    recs = results.read_records(workdir / "results.jsonl").records
+    return sorted(i for r in recs if r["kind"] == "gradinv" for i in r["image_ids"])
+
+
+def test_rerun_with_another_group_attacks_every_image_exactly_once(tmp_path):
+    """The issue-10 case: --group=2 then --group=1 must neither repeat nor skip an image; --images grows coverage."""
+    common = ["--mia=false", "--compressors=none", "--threat_models=observed", "--iterations=3"]
+    first = reproduce(tmp_path, *common, "--images=4", "--group=2")
+    assert first.returncode == 0 and "2 units to run" in first.stdout, first.stdout + first.stderr
+    after_first = gradinv_ids(tmp_path)
+    assert len(after_first) == 4 == len(set(after_first))
+    second = reproduce(tmp_path, *common, "--images=4", "--group=1")
+    assert second.returncode == 0 and "0 units to run" in second.stdout, second.stdout + second.stderr
+    assert gradinv_ids(tmp_path) == after_first
+    third = reproduce(tmp_path, *common, "--images=7", "--group=2")
+    assert third.returncode == 0 and "2 units to run" in third.stdout, third.stdout + third.stderr
+    ids = gradinv_ids(tmp_path)
+    assert len(ids) == 7 == len(set(ids)) and set(after_first) <= set(ids)
+    order = np.random.default_rng(0).permutation(4000)  # the seeded order of the attacked images
+    assert set(ids) == set(order[:7].tolist())
+
+
+def test_rerun_with_another_training_batch_is_refused(tmp_path):
+    """At --attack_step > 0 the training batch decides the victim: a second victim in one workdir is refused."""
+    common = ["--mia=false", "--compressors=powersgd:1", "--threat_models=observed", "--iterations=3",
+              "--attack_step=1", "--images=1"]
+    first = reproduce(tmp_path, *common, "--batch_size=32")
+    assert first.returncode == 0, first.stdout + first.stderr
+    before = (tmp_path / "results.jsonl").read_text()
+    assert len((tmp_path / "victims").iterdir().__next__().name) == 16  # the checkpointed victim
+    again = reproduce(tmp_path, *common, "--batch_size=16")
+    assert again.returncode == 2 and "train_batch=32" in again.stderr and "another --workdir" in again.stderr, \
+        again.stderr[-2000:]
+    assert (tmp_path / "results.jsonl").read_text() == before
+    resumed = reproduce(tmp_path, *common, "--batch_size=32", "--images=2")
+    assert resumed.returncode == 0 and "trained the victim" not in resumed.stdout, resumed.stdout  # from orbax
+    ids = gradinv_ids(tmp_path)
+    assert len(ids) == 2 == len(set(ids))
 
 
 def test_killed_run_resumes_to_the_same_results(full_run, tmp_path):
@@ -129,9 +171,14 @@ def test_corrupt_middle_line_raises(tmp_path):
     ("--compressors=powersgd:200", "compresses no tensor"),
     ("--datasets=svhn", "unknown dataset 'svhn'"),
     ("--threat_models=oracle", "unknown threat model"),
+    ("--workers=9", "needs 9 local devices"),
+    ("--start_iter=-1", "--start_iter must be >= 0"),
+    ("--bn_statistics=frozen", "unknown --bn_statistics 'frozen'"),
+    ("--observers=server", "unknown observer 'server'"),
+    ("--workers=8 --victim_batch=600 --images=600", "exceeds the 4000 training images"),
 ])
 def test_bad_flags_fail_before_any_work(tmp_path, flag, message):
-    out = reproduce(tmp_path, flag)
+    out = reproduce(tmp_path, *flag.split())
     assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
     assert not (tmp_path / "results.jsonl").exists()
 

@@ -12,8 +12,10 @@ compressor, so it is deliberately not offered.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
-from typing import Any, Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -22,6 +24,7 @@ import numpy as np
 import optax
 from flax import struct
 from jax.sharding import Mesh, PartitionSpec as P
+from tqdm.auto import tqdm
 
 from trustsgd_jax import compress as compress_lib
 from trustsgd_jax import data as data_lib
@@ -60,29 +63,46 @@ def sync_bn_words(model: nn.Module, batch_stats) -> int:
     return sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(batch_stats))
 
 
-def step_wire_cost(model, compressor, state: TrainState) -> dict:
-    grads = compress_lib.wire_cost(compressor, state.params).words
+def step_wire_cost(model, compressor, state: TrainState, step: int | None = None) -> dict:
+    """Words one worker sends at one step: the compressor's message and the synchronised-BatchNorm statistics.
+
+    ``step`` matters only for compressors whose message size changes with
+    the step (PowerSGD's dense warm-up, ``start_iter``); see `compress.wire_cost`.
+    """
+    grads = compress_lib.wire_cost(compressor, state.params, step=step).words
     bn = sync_bn_words(model, state.batch_stats)
     dense = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(state.params))
     return {"grad_words": grads, "bn_words": bn, "words": grads + bn, "bytes": 4 * (grads + bn),
             "uncompressed_words": dense + bn}
 
 
+BN_STATISTICS = ("train", "eval")
+
+
 def make_step(model: nn.Module, optimizer: optax.GradientTransformation, compressor: compress_lib.Compressor,
-              axis_name: str = AXIS, return_message: bool = False) -> Callable:
+              axis_name: str = AXIS, return_message: bool = False, bn_statistics: str = "train") -> Callable:
     """Per-worker train step ``(state, images, labels) -> (state, metrics[, message])``.
 
-    The returned message is what this worker put on the wire: the compressor's
-    message and, with synchronised BatchNorm, the local BN statistics it
-    contributed (``bn``).
+    ``bn_statistics="train"`` is training: BatchNorm normalises by batch
+    statistics (synchronised over ``axis_name`` for norm ``batch``) and
+    updates its running averages. ``"eval"`` computes the gradient with the
+    running averages (Geiping et al.'s setting for attacks; not training).
+
+    The message is what this worker put on the wire and what it received:
+    ``grads``, the compressor's message; ``bn``, with synchronised BatchNorm
+    in train mode, the local statistics it contributed to the all-reduce;
+    ``update``, the averaged update every worker receives.
     """
+    if bn_statistics not in BN_STATISTICS:
+        raise ValueError(f"unknown bn_statistics {bn_statistics!r}; use one of {BN_STATISTICS}.")
+    train = bn_statistics == "train"
 
     def step(state: TrainState, images, labels):
         def loss_fn(params):
             variables = {"params": params}
             if state.batch_stats:
                 variables["batch_stats"] = state.batch_stats
-            logits, updates = model.apply(variables, images, train=True, mutable=["batch_stats", "wire"])
+            logits, updates = model.apply(variables, images, train=train, mutable=["batch_stats", "wire"])
             return cross_entropy(logits, labels).mean(), (logits, updates)
 
         (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -96,7 +116,7 @@ def make_step(model: nn.Module, optimizer: optax.GradientTransformation, compres
             "nonfinite_steps": comp_state.nonfinite,
         }
         if return_message:
-            return new_state, metrics, {"grads": msg, "bn": updates.get("wire", {})}
+            return new_state, metrics, {"grads": msg, "bn": updates.get("wire", {}), "update": avg}
         return new_state, metrics
 
     return step
@@ -151,102 +171,97 @@ class FitResult:
     seconds: float
 
 
-def fit(model: nn.Module, compressor: compress_lib.Compressor, x_train: np.ndarray, y_train: np.ndarray, *,
-        steps: int, global_batch: int, optimizer: optax.GradientTransformation | None = None,
-        seed: int = 0, log_every: int = 50, progress: bool = True, image_shape=None,
-        use_shard_map: bool = False) -> FitResult:
-    """Trains `model` with `compressor` on normalised float images over all devices (all processes).
+def _index_stream(indices: np.ndarray, global_batch: int, seed: int) -> Iterator[np.ndarray]:
+    """Seeded shuffled batches of `indices`, epoch after epoch (the order depends only on the seed)."""
+    epoch = 0
+    while True:
+        for idx, _ in data_lib.batches(indices, indices, global_batch, seed, epoch):
+            yield idx
+        epoch += 1
 
-    Each process feeds its slice of every seeded global batch to its local
-    devices, so single- and multi-process runs see the same data.
-    """
-    if steps < 0:
-        raise ValueError(f"steps must be >= 0, got {steps}.")
-    optimizer = optimizer or optax.sgd(0.05, momentum=0.9)
-    n_global, n_local = jax.device_count(), jax.local_device_count()
-    per_device = check_batch(global_batch, n_global)
-    if global_batch > len(x_train):
-        raise ValueError(f"global batch {global_batch} exceeds the {len(x_train)} training images.")
-    image_shape = image_shape or x_train.shape[1:]
-    state = init_state(model, optimizer, compressor, image_shape, seed)
-    wire = step_wire_cost(model, compressor, state)
-    state = replicate(state, n_local)
-    step_fn = make_step(model, optimizer, compressor)
-    if use_shard_map:
-        mesh = Mesh(np.array(jax.devices()), (AXIS,))
-        run = shard_map_step(step_fn, mesh)
-    else:
-        run = pmap_step(step_fn)
-    lo = jax.process_index() * n_local * per_device
-    hi = lo + n_local * per_device
-    history, t0, epoch, it = [], time.time(), 0, None
-    bar = _progress(steps, progress and jax.process_index() == 0)
+
+def _run_steps(run: Callable, state, batch_fn: Callable[[], tuple], *, steps: int, log_every: int, progress: bool,
+               words_through: Callable[[int], int], desc: str = "train"):
+    """The training loop `fit` and `fit_many` share: steps, logging, the NaN/Inf stop, a progress bar."""
+    history: list[dict] = []
+    t0 = time.time()
+    bar = tqdm(total=steps, disable=not (progress and jax.process_index() == 0), desc=desc, unit="step",
+               dynamic_ncols=True)
     for i in range(steps):
-        batch = next(it, None) if it is not None else None
-        if batch is None:
-            it = data_lib.batches(x_train, y_train, global_batch, seed, epoch)
-            epoch += 1
-            batch = next(it)
-        xb, yb = shard_batch(batch[0][lo:hi], batch[1][lo:hi], n_local)
-        state, metrics = run(state, xb, yb)
+        state, metrics = run(state, *batch_fn())
         if (i + 1) % log_every == 0 or i + 1 == steps:
-            m = {k: float(np.asarray(v)[0]) for k, v in metrics.items()}
-            if m["nonfinite_steps"] > 0:
+            m = {k: np.asarray(v)[0] for k, v in metrics.items()}  # device 0 ([models] under fit_many)
+            skipped = int(np.max(m["nonfinite_steps"]))
+            if skipped > 0:
                 raise FloatingPointError(
-                    f"step {i + 1}: a worker's gradient had NaN/Inf ({int(m['nonfinite_steps'])} step(s) skipped; "
-                    "error memory kept clean). Lower the learning rate or check the input data."
+                    f"step {i + 1}: a worker's gradient had NaN/Inf ({skipped} step(s) skipped; error memory kept "
+                    "clean). Lower the learning rate or check the input data."
                 )
-            m.update(step=i + 1, seconds=time.time() - t0, wire_words=wire["words"] * (i + 1))
-            history.append(m)
-            bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['accuracy']:.3f}")
+            rec = {k: float(v) if np.ndim(v) == 0 else np.asarray(v, float).tolist() for k, v in m.items()}
+            rec.update(step=i + 1, seconds=time.time() - t0, wire_words=words_through(i + 1))
+            history.append(rec)
+            bar.set_postfix(loss=f"{np.mean(m['loss']):.3f}", acc=f"{np.mean(m['accuracy']):.3f}")
         bar.update(1)
     bar.close()
     jax.block_until_ready(state)
+    return state, history, time.time() - t0
+
+
+def _words_through(model, compressor, state: TrainState) -> Callable[[int], int]:
+    """n -> 32-bit words one worker sent in its first n steps (gradient messages, dense warm-up included, + BN)."""
+    bn = sync_bn_words(model, state.batch_stats)
+    return lambda n: compress_lib.training_words(compressor, state.params, n) + bn * n
+
+
+def _check_fit_args(steps: int, global_batch: int, n_global: int, smallest: int) -> int:
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}.")
+    per_device = check_batch(global_batch, n_global)
+    if global_batch > smallest:
+        raise ValueError(f"global batch {global_batch} exceeds the {smallest} training images.")
+    return per_device
+
+
+def fit(model: nn.Module, compressor: compress_lib.Compressor, x_train: np.ndarray, y_train: np.ndarray, *,
+        steps: int, global_batch: int, optimizer: optax.GradientTransformation | None = None,
+        seed: int = 0, log_every: int = 50, progress: bool = True, image_shape=None,
+        use_shard_map: bool = False, devices: list | None = None) -> FitResult:
+    """Trains `model` with `compressor` on normalised float images, data-parallel.
+
+    Workers are all devices of all processes, or the given local `devices`
+    (one process). Each process feeds its slice of every seeded global batch
+    to its local devices, so single- and multi-process runs see the same data.
+    """
+    optimizer = optimizer or optax.sgd(0.05, momentum=0.9)
+    n_global = len(devices) if devices else jax.device_count()
+    n_local = len(devices) if devices else jax.local_device_count()
+    per_device = _check_fit_args(steps, global_batch, n_global, len(x_train))
+    state = init_state(model, optimizer, compressor, image_shape or x_train.shape[1:], seed)
+    wire = step_wire_cost(model, compressor, state, step=max(steps - 1, 0))  # the last step's: after any warm-up
+    step_fn = make_step(model, optimizer, compressor)
+    if use_shard_map:
+        run = shard_map_step(step_fn, Mesh(np.array(devices or jax.devices()), (AXIS,)))
+    else:
+        run = pmap_step(step_fn, devices=devices)
+    lo = jax.process_index() * n_local * per_device
+    stream = _index_stream(np.arange(len(x_train)), global_batch, seed)
+
+    def batch():
+        idx = next(stream)[lo:lo + n_local * per_device]
+        return shard_batch(x_train[idx], y_train[idx], n_local)
+
+    state, history, seconds = _run_steps(run, replicate(state, n_local), batch, steps=steps, log_every=log_every,
+                                         progress=progress, words_through=_words_through(model, compressor, state))
     out = TrainState(unreplicate(state.params), unreplicate(state.batch_stats), unreplicate(state.opt_state),
                      state.comp_state)
-    return FitResult(out, history, wire, time.time() - t0)
-
-
-def _progress(total, enabled):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
-
-
-def predict_logits(model: nn.Module, params, batch_stats, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
-    """Eval-mode logits (BatchNorm on running averages), in batches on one device."""
-    variables = {"params": params}
-    if batch_stats:
-        variables["batch_stats"] = batch_stats
-    fwd = _eval_fn(model)
-    return np.concatenate([np.asarray(fwd(variables, images[i:i + batch_size]))
-                           for i in range(0, len(images), batch_size)]) if len(images) else np.zeros((0,))
-
-
-_EVAL_CACHE: dict = {}
-
-
-def _eval_fn(model):
-    # Keyed by identity; the model is kept in the value so its id is never reused.
-    if id(model) not in _EVAL_CACHE:
-        # Inference needs no weight gradients, and the im2col form holds kh*kw
-        # copies of every activation (ResNet-18 scoring 500 images passed 24 GB
-        # and was OOM-killed); the native form is the same model.
-        run = model.clone(conv_impl="xla") if getattr(model, "conv_impl", None) == "patches" else model
-        _EVAL_CACHE[id(model)] = (model, jax.jit(lambda v, x: run.apply(v, x, train=False)))
-    return _EVAL_CACHE[id(model)][1]
-
-
-def evaluate(model, params, batch_stats, images, labels, batch_size: int = 500) -> dict:
-    logits = predict_logits(model, params, batch_stats, images, batch_size)
-    loss = float(np.mean(np.asarray(cross_entropy(jnp.asarray(logits), jnp.asarray(labels)))))
-    return {"accuracy": float(np.mean(logits.argmax(-1) == labels)), "loss": loss}
+    return FitResult(out, history, wire, seconds)
 
 
 def fit_many(model: nn.Module, compressor: compress_lib.Compressor, x_train: np.ndarray, y_train: np.ndarray,
              masks: np.ndarray, seeds, *, steps: int, global_batch: int,
-             optimizer: optax.GradientTransformation | None = None, progress: bool = False) -> list[TrainState]:
-    """Trains K models at once, model k on ``x_train[masks[k]]`` with seed ``seeds[k]``.
+             optimizer: optax.GradientTransformation | None = None, log_every: int = 50,
+             progress: bool = False) -> list[TrainState]:
+    """Trains K models at once, model k on ``x_train[masks[k]]`` with seed ``seeds[k]``, as `fit` trains one.
 
     The per-worker step is vmapped over a leading model axis inside the
     pmapped step, so each model is still trained data-parallel with the
@@ -260,37 +275,56 @@ def fit_many(model: nn.Module, compressor: compress_lib.Compressor, x_train: np.
     if k < 1 or len(seeds) != k:
         raise ValueError(f"fit_many needs one seed per mask, got {len(seeds)} seeds for {k} masks.")
     optimizer = optimizer or optax.sgd(0.05, momentum=0.9)
-    n_global, n_local = jax.device_count(), jax.local_device_count()
-    per_device = check_batch(global_batch, n_global)
-    if global_batch > masks.sum(1).min():
-        raise ValueError(f"global batch {global_batch} exceeds the smallest training subset ({masks.sum(1).min()}).")
+    n_local = jax.local_device_count()
+    per_device = _check_fit_args(steps, global_batch, jax.device_count(), int(masks.sum(1).min()))
     states = [init_state(model, optimizer, compressor, x_train.shape[1:], int(s)) for s in seeds]
+    words_through = _words_through(model, compressor, states[0])
     state = replicate(jax.tree.map(lambda *xs: jnp.stack(xs), *states), n_local)
     run = pmap_step(jax.vmap(make_step(model, optimizer, compressor)))
-    subsets = [np.flatnonzero(m) for m in masks]
     lo = jax.process_index() * n_local * per_device
-    iters = [None] * k
-    epochs = [0] * k
-    bar = _progress(steps, progress and jax.process_index() == 0)
-    for _ in range(steps):
-        xs, ys = [], []
-        for j in range(k):
-            batch = next(iters[j], None) if iters[j] is not None else None
-            if batch is None:
-                iters[j] = data_lib.batches(subsets[j], subsets[j], global_batch, int(seeds[j]), epochs[j])
-                epochs[j] += 1
-                batch = next(iters[j])
-            idx = batch[0][lo:lo + n_local * per_device]
-            xb, yb = shard_batch(x_train[idx], y_train[idx], n_local)
-            xs.append(xb)
-            ys.append(yb)
-        state, metrics = run(state, np.stack(xs, 1), np.stack(ys, 1))
-        bar.update(1)
-    bar.close()
-    if int(np.asarray(metrics["nonfinite_steps"]).max()) > 0:
-        raise FloatingPointError("a worker's gradient had NaN/Inf while training several models; "
-                                 "lower the learning rate or check the input data.")
+    streams = [_index_stream(np.flatnonzero(m), global_batch, int(s)) for m, s in zip(masks, seeds, strict=True)]
+
+    def batch():
+        shards = [shard_batch(x_train[idx], y_train[idx], n_local)
+                  for idx in (next(s)[lo:lo + n_local * per_device] for s in streams)]
+        return np.stack([s[0] for s in shards], 1), np.stack([s[1] for s in shards], 1)
+
+    state, _, _ = _run_steps(run, state, batch, steps=steps, log_every=log_every, progress=progress,
+                             words_through=words_through)
     first = unreplicate(state)
     return [TrainState(jax.tree.map(lambda a: a[j], first.params), jax.tree.map(lambda a: a[j], first.batch_stats),
                        jax.tree.map(lambda a: a[j], first.opt_state),
                        jax.tree.map(lambda a: a[:, j], state.comp_state)) for j in range(k)]
+
+
+def eval_model(model: nn.Module) -> nn.Module:
+    """The form of `model` to run inference with: native convolutions.
+
+    Inference needs no weight gradients, and the im2col form
+    (``conv_impl="patches"``) holds kh*kw copies of every activation; the
+    native form is the same model with the same parameters.
+    """
+    return model.clone(conv_impl="xla") if getattr(model, "conv_impl", None) == "patches" else model
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _eval_logits(model: nn.Module, variables, images):
+    return model.apply(variables, images, train=False)
+
+
+def predict_logits(model: nn.Module, params, batch_stats, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
+    """Eval-mode logits (BatchNorm on running averages), in batches on one device, with `eval_model(model)`."""
+    variables = {"params": params}
+    if batch_stats:
+        variables["batch_stats"] = batch_stats
+    run = eval_model(model)
+    if not len(images):
+        return np.zeros((0,))
+    return np.concatenate([np.asarray(_eval_logits(run, variables, images[i:i + batch_size]))
+                           for i in range(0, len(images), batch_size)])
+
+
+def evaluate(model, params, batch_stats, images, labels, batch_size: int = 500) -> dict:
+    logits = predict_logits(model, params, batch_stats, images, batch_size)
+    loss = float(np.mean(np.asarray(cross_entropy(jnp.asarray(logits), jnp.asarray(labels)))))
+    return {"accuracy": float(np.mean(logits.argmax(-1) == labels)), "loss": loss}

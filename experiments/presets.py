@@ -1,0 +1,28 @@
+"""Flag defaults of `experiments.reproduce`, one dict per preset; flags on the command line win.
+
+* ``tiny``: the tests' end-to-end run (seconds).
+* ``quick``: the main job on CPU: ConvNet at initialisation, the bundled real
+  images, both BatchNorm modes.
+* ``paper``: the seed paper's scale (ResNet-18, 24,000 iterations, 16
+  shadow models on 20,000-image pools), meant for a GPU.
+"""
+
+from __future__ import annotations
+
+PRESETS: dict[str, dict] = {
+    "tiny": dict(datasets=["mnist"], compressors=["none", "powersgd:1"], threat_models=["observed"], images=1,
+                 group=1, iterations=20, restarts=1, model="convnet", workers=2, bn_statistics=["eval"],
+                 mia=True, mia_shadows=2, mia_steps=10, mia_pool=256),
+    "quick": dict(datasets=["mnist", "cifar10", "cifar100"],
+                  compressors=["none", "powersgd:1", "topk_level:1", "powersgd:4", "topk_level:4"],
+                  threat_models=["observed", "adaptive"], images=2, group=2, iterations=400, restarts=1,
+                  model="convnet", workers=4, bn_statistics=["eval", "train"], mia=True, mia_datasets=["cifar10"],
+                  mia_compressors=["none", "powersgd:1", "topk_level:1"], mia_shadows=4, mia_steps=100,
+                  mia_pool=1200),
+    "paper": dict(datasets=["cifar10", "cifar100", "mnist"],
+                  compressors=["none", "powersgd:1", "topk_level:1", "powersgd:2", "topk_level:2", "powersgd:4",
+                               "topk_level:4", "powersgd:30", "topk_level:30", "powersgd:50", "topk_level:50"],
+                  threat_models=["observed", "adaptive"], images=10, group=10, iterations=24000, restarts=1,
+                  model="resnet18", workers=4, bn_statistics=["eval", "train"], mia=True, mia_shadows=16,
+                  mia_steps=3000, mia_pool=20000),
+}
