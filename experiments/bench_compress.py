@@ -79,26 +79,57 @@ def main(argv):
             times.append(time.perf_counter() - t0)
         grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=(n, *p.shape)).astype(np.float32)), params)
         cstate = train.replicate(c.init(params), n)
-        red = jax.pmap(lambda g, s: c.reduce(g, s, train.AXIS)[:2], axis_name=train.AXIS)
+        red = jax.pmap(lambda g, s, c=c: c.reduce(g, s, train.AXIS)[:2], axis_name=train.AXIS)
         jax.block_until_ready(red(grads, cstate))
         rtimes = []
         for _ in range(FLAGS.steps):
             t0 = time.perf_counter()
             jax.block_until_ready(red(grads, cstate))
             rtimes.append(time.perf_counter() - t0)
-        rows.append(dict(spec=spec, step=float(np.median(times)), reduce=float(np.median(rtimes)),
-                         compile=compile_s, words=wire["grad_words"], bn=wire["bn_words"],
-                         analytic=analytic_words(spec, shapes)))
+        rows.append(
+            dict(
+                spec=spec,
+                step=float(np.median(times)),
+                reduce=float(np.median(rtimes)),
+                compile=compile_s,
+                words=wire["grad_words"],
+                bn=wire["bn_words"],
+                analytic=analytic_words(spec, shapes),
+            )
+        )
         print(f"{spec}: step {rows[-1]['step']:.3f}s reduce {rows[-1]['reduce']:.3f}s", flush=True)
     base = next((r for r in rows if r["spec"] == "none"), rows[0])
 
-    lines = [f"ResNet-18 step cost, {n} devices, global batch {FLAGS.batch_size}, {jax.devices()[0].platform}"
-             if FLAGS.model == "resnet18" else f"{FLAGS.model}, {n} devices, global batch {FLAGS.batch_size}",
-             ""] + results.markdown_table(
-        ["compressor", "step s", "x none", "reduce s", "words/worker/step", "analytic", "+ sync-BN words",
-         "wire ratio"],
-        [[r["spec"], f"{r['step']:.3f}", f"{r['step'] / base['step']:.2f}", f"{r['reduce']:.4f}", r["words"],
-          r["analytic"], r["bn"], f"{r['words'] / base['words']:.4f}"] for r in rows])
+    lines = [
+        f"ResNet-18 step cost, {n} devices, global batch {FLAGS.batch_size}, {jax.devices()[0].platform}"
+        if FLAGS.model == "resnet18"
+        else f"{FLAGS.model}, {n} devices, global batch {FLAGS.batch_size}",
+        "",
+    ] + results.markdown_table(
+        [
+            "compressor",
+            "step s",
+            "x none",
+            "reduce s",
+            "words/worker/step",
+            "analytic",
+            "+ sync-BN words",
+            "wire ratio",
+        ],
+        [
+            [
+                r["spec"],
+                f"{r['step']:.3f}",
+                f"{r['step'] / base['step']:.2f}",
+                f"{r['reduce']:.4f}",
+                r["words"],
+                r["analytic"],
+                r["bn"],
+                f"{r['words'] / base['words']:.4f}",
+            ]
+            for r in rows
+        ],
+    )
     results.write_table("\n".join(lines), FLAGS.out)
 
 

@@ -67,12 +67,15 @@ def main(argv):
         variables = models.init_variables(model, jax.random.key(0), (32, 32, 3))
         # Messages of one-worker eval-mode rounds: the attack's cost does not depend on the round.
         round_ = victim.make_round(model, compress.none(), workers=1, bn_statistics="eval")
-        x = data.normalize(ds.x_train[:FLAGS.batched], "cifar10")
-        msgs = [round_(variables, x[None, i:i + 1], ds.y_train[None, i:i + 1]).message for i in range(FLAGS.batched)]
+        x = data.normalize(ds.x_train[: FLAGS.batched], "cifar10")
+        msgs = [
+            round_(variables, x[None, i : i + 1], ds.y_train[None, i : i + 1]).message for i in range(FLAGS.batched)
+        ]
         for n in (1, FLAGS.batched):
             cfg = gradinv.AttackConfig(iterations=10**6, chunk=FLAGS.iterations, parallel=n)
-            attack = gradinv.compile_attack(model, variables, "observed", cfg, "cifar10", (32, 32, 3), train=False,
-                                            width=n)
+            attack = gradinv.compile_attack(
+                model, variables, "observed", cfg, "cifar10", (32, 32, 3), train=False, width=n
+            )
             msg = jax.tree.map(lambda *a: jnp.stack(a), *msgs[:n])
             y = jnp.asarray(ds.y_train[:n, None].astype(np.int32))
             xs = jax.random.normal(jax.random.key(1), (n, 1, 32, 32, 3))
@@ -84,20 +87,55 @@ def main(argv):
             jax.block_until_ready(attack.run_chunk(xs, st, msg, y, FLAGS.iterations))
             run = time.perf_counter() - t0
             gflop = attack.run_chunk.lower(xs, st, msg, y, 1).compile().cost_analysis()["flops"] / 1e9
-            rows.append(dict(impl=impl, n=n, its=FLAGS.iterations / run, agg=n * FLAGS.iterations / run,
-                             compile=compile_and_first - run, mem=_peak_mb(), gflop=gflop,
-                             rate=gflop * FLAGS.iterations / run))
+            rows.append(
+                dict(
+                    impl=impl,
+                    n=n,
+                    its=FLAGS.iterations / run,
+                    agg=n * FLAGS.iterations / run,
+                    compile=compile_and_first - run,
+                    mem=_peak_mb(),
+                    gflop=gflop,
+                    rate=gflop * FLAGS.iterations / run,
+                )
+            )
             print(rows[-1], flush=True)
     single = {r["impl"]: r["agg"] for r in rows if r["n"] == 1}
     best_single = max(single.values())
 
-    lines = [f"Gradient inversion speed, {FLAGS.model} 32x32x3, B = 1, {jax.devices()[0].platform} "
-             f"({jax.devices()[0].device_kind})", ""] + results.markdown_table(
-        ["conv", "attacks", "it/s per attack", "aggregate it/s", "vs sequential (same conv)", "vs best single",
-         "GFLOP/it", "GFLOP/s", "compile s", "peak MB"],
-        [[r["impl"], r["n"], f"{r['its']:.2f}", f"{r['agg']:.2f}", f"{r['agg'] / single[r['impl']]:.2f}x",
-          f"{r['agg'] / best_single:.2f}x", f"{r['gflop']:.2f}", f"{r['rate']:.0f}", f"{r['compile']:.1f}",
-          f"{r['mem']:.0f}"] for r in rows])
+    lines = [
+        f"Gradient inversion speed, {FLAGS.model} 32x32x3, B = 1, {jax.devices()[0].platform} "
+        f"({jax.devices()[0].device_kind})",
+        "",
+    ] + results.markdown_table(
+        [
+            "conv",
+            "attacks",
+            "it/s per attack",
+            "aggregate it/s",
+            "vs sequential (same conv)",
+            "vs best single",
+            "GFLOP/it",
+            "GFLOP/s",
+            "compile s",
+            "peak MB",
+        ],
+        [
+            [
+                r["impl"],
+                r["n"],
+                f"{r['its']:.2f}",
+                f"{r['agg']:.2f}",
+                f"{r['agg'] / single[r['impl']]:.2f}x",
+                f"{r['agg'] / best_single:.2f}x",
+                f"{r['gflop']:.2f}",
+                f"{r['rate']:.0f}",
+                f"{r['compile']:.1f}",
+                f"{r['mem']:.0f}",
+            ]
+            for r in rows
+        ],
+    )
     lines += ["", f"Dense fp32 matmul peak, 2048x2048: {_matmul_gflops():.0f} GFLOP/s."]
 
     results.write_table("\n".join(lines), FLAGS.out)

@@ -65,15 +65,35 @@ def main(argv):
             logits = train.predict_logits(model, st.params, st.batch_stats, x)
             mia.membership_scores(logits, y)
             score = time.perf_counter() - t0
-            rows.append(dict(model=name, impl=impl, seq=k * steps * b / seq, many=k * steps * b / many,
-                             score=len(x) / score))
+            rows.append(
+                dict(model=name, impl=impl, seq=k * steps * b / seq, many=k * steps * b / many, score=len(x) / score)
+            )
             print(rows[-1], flush=True)
-    lines = [f"Membership inference throughput, {FLAGS.dataset} {x.shape[1:]}, {FLAGS.compressor}, K = {k} models, "
-             f"global batch {b}, {jax.device_count()} {jax.devices()[0].platform} devices", ""] + results.markdown_table(
-        ["model", "conv", "shadow training img/s, sequential", "img/s, K at once (fit_many)", "speed-up",
-         "scoring img/s"],
-        [[r["model"], r["impl"], f"{r['seq']:.0f}", f"{r['many']:.0f}", f"{r['many'] / r['seq']:.2f}x",
-          f"{r['score']:.0f}"] for r in rows])
+    lines = [
+        f"Membership inference throughput, {FLAGS.dataset} {x.shape[1:]}, {FLAGS.compressor}, K = {k} models, "
+        f"global batch {b}, {jax.device_count()} {jax.devices()[0].platform} devices",
+        "",
+    ] + results.markdown_table(
+        [
+            "model",
+            "conv",
+            "shadow training img/s, sequential",
+            "img/s, K at once (fit_many)",
+            "speed-up",
+            "scoring img/s",
+        ],
+        [
+            [
+                r["model"],
+                r["impl"],
+                f"{r['seq']:.0f}",
+                f"{r['many']:.0f}",
+                f"{r['many'] / r['seq']:.2f}x",
+                f"{r['score']:.0f}",
+            ]
+            for r in rows
+        ],
+    )
     results.write_table("\n".join(lines), FLAGS.out)
 
 

@@ -21,14 +21,27 @@ from collections import defaultdict
 import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
+from absl import app, flags
+from scipy import stats
 
 from experiments import paper_values
 from trustsgd_jax import results
 
 matplotlib.use("Agg")  # the reports are files, never a window (pyplot resolves its backend at the first figure)
 
-SPEC_ORDER = ["none", "powersgd:1", "topk_level:1", "powersgd:2", "topk_level:2", "powersgd:4", "topk_level:4",
-              "powersgd:30", "topk_level:30", "powersgd:50", "topk_level:50"]
+SPEC_ORDER = [
+    "none",
+    "powersgd:1",
+    "topk_level:1",
+    "powersgd:2",
+    "topk_level:2",
+    "powersgd:4",
+    "topk_level:4",
+    "powersgd:30",
+    "topk_level:30",
+    "powersgd:50",
+    "topk_level:50",
+]
 DATASET_ORDER = ["cifar10", "cifar100", "mnist"]
 
 
@@ -38,9 +51,15 @@ def _spec_key(spec):
 
 def _label(spec):
     kind, _, arg = spec.partition(":")
-    return {"none": "SGD (uncompressed)", "powersgd": f"PowerSGD rank {arg}", "topk_level": f"Top-K level {arg}",
-            "topk": f"Top-K ratio {arg}", "randomk": f"Random-K ratio {arg}", "qsgd": f"QSGD {arg} levels",
-            "signsgd": "EF-SignSGD"}.get(kind, spec)
+    return {
+        "none": "SGD (uncompressed)",
+        "powersgd": f"PowerSGD rank {arg}",
+        "topk_level": f"Top-K level {arg}",
+        "topk": f"Top-K ratio {arg}",
+        "randomk": f"Random-K ratio {arg}",
+        "qsgd": f"QSGD {arg} levels",
+        "signsgd": "EF-SignSGD",
+    }.get(kind, spec)
 
 
 def load(workdir):
@@ -49,58 +68,154 @@ def load(workdir):
     return [x for x in recs if x.get("kind") == "gradinv"], [x for x in recs if x.get("kind") == "mia"], r.damaged_tail
 
 
+MODE_ORDER = ["eval", "train"]
+
+
+def _mode(r) -> tuple[str, str]:
+    """(BatchNorm mode, observer) of a record; records older than these fields were eval-mode worker messages."""
+    return r.get("bn_statistics", "eval"), r.get("observer", "worker")
+
+
+def mode_label(mode) -> str:
+    bn, observer = mode
+    return f"BatchNorm {bn} mode, {observer} observer"
+
+
+def _mode_key(mode):
+    bn, observer = mode
+    return (MODE_ORDER.index(bn) if bn in MODE_ORDER else 9, bn, observer)
+
+
+def _dataset_key(d):
+    return (DATASET_ORDER.index(d) if d in DATASET_ORDER else 9, d)
+
+
+def interval95(values) -> tuple[float, float] | None:
+    """Student-t 95% interval of the mean SSIM over images, clipped to SSIM's range [-1, 1] (None below 2 images)."""
+    v = np.asarray(values, np.float64)
+    if v.size < 2:
+        return None
+    half = stats.t.ppf(0.975, v.size - 1) * v.std(ddof=1) / np.sqrt(v.size)
+    return float(max(v.mean() - half, -1.0)), float(min(v.mean() + half, 1.0))
+
+
 def table1_rows(gradinv_records) -> list[dict]:
-    """One row per (dataset, compressor): observed SSIM mean/std/% of SGD, PSNR, adaptive SSIM, wire words."""
+    """One row per (dataset, compressor, BatchNorm mode, observer): observed and adaptive SSIM, PSNR, wire words."""
     by = defaultdict(lambda: defaultdict(list))
     wire, full = {}, {}
     for r in gradinv_records:
-        k = (r["dataset"], r["compressor"], r["threat"])
+        k = (r["dataset"], r["compressor"], _mode(r), r["threat"])
         by[k]["ssim"] += r["ssim"]
         by[k]["psnr"] += r["psnr"]
         wire[r["dataset"], r["compressor"]] = r["wire_words"]
         full[r["dataset"]] = r["uncompressed_words"]
     rows = []
-    pairs = sorted({(d, c) for d, c, _ in by}, key=lambda p: (DATASET_ORDER.index(p[0])
-                                                               if p[0] in DATASET_ORDER else 9, p[0], _spec_key(p[1])))
-    for d, c in pairs:
-        obs, ada = by.get((d, c, "observed")), by.get((d, c, "adaptive"))
-        base = by.get((d, "none", "observed"))
-        row = {"dataset": d, "compressor": c, "n_images": len(obs["ssim"]) if obs else 0,
-               "wire_words": wire[d, c], "wire_ratio": wire[d, c] / full[d]}
+    cells = sorted(
+        {(d, c, m) for d, c, m, _ in by}, key=lambda p: (_dataset_key(p[0]), _mode_key(p[2]), _spec_key(p[1]))
+    )
+    for d, c, m in cells:
+        obs, ada = by.get((d, c, m, "observed")), by.get((d, c, m, "adaptive"))
+        base = by.get((d, "none", m, "observed"))
+        row = {
+            "dataset": d,
+            "compressor": c,
+            "bn_statistics": m[0],
+            "observer": m[1],
+            "n_images": len(obs["ssim"]) if obs else 0,
+            "wire_words": wire[d, c],
+            "wire_ratio": wire[d, c] / full[d],
+        }
         if obs:
-            row.update(ssim_mean=float(np.mean(obs["ssim"])), ssim_std=float(np.std(obs["ssim"])),
-                       psnr_mean=float(np.mean(obs["psnr"])))
+            row.update(
+                ssim_mean=float(np.mean(obs["ssim"])),
+                ssim_std=float(np.std(obs["ssim"])),
+                ssim_ci=interval95(obs["ssim"]),
+                psnr_mean=float(np.mean(obs["psnr"])),
+            )
             if base:
                 row["pct_of_sgd"] = 100.0 * row["ssim_mean"] / float(np.mean(base["ssim"]))
         if ada:
-            row.update(adaptive_ssim_mean=float(np.mean(ada["ssim"])), adaptive_ssim_std=float(np.std(ada["ssim"])),
-                       adaptive_psnr_mean=float(np.mean(ada["psnr"])))
+            row.update(
+                adaptive_ssim_mean=float(np.mean(ada["ssim"])),
+                adaptive_ssim_std=float(np.std(ada["ssim"])),
+                adaptive_ssim_ci=interval95(ada["ssim"]),
+                adaptive_psnr_mean=float(np.mean(ada["psnr"])),
+            )
         rows.append(row)
     return rows
 
 
-CSV_FIELDS = ["dataset", "compressor", "n_images", "ssim_mean", "ssim_std", "pct_of_sgd", "psnr_mean",
-              "adaptive_ssim_mean", "adaptive_ssim_std", "adaptive_psnr_mean", "wire_words", "wire_ratio"]
+CSV_FIELDS = [
+    "dataset",
+    "compressor",
+    "bn_statistics",
+    "observer",
+    "n_images",
+    "ssim_mean",
+    "ssim_std",
+    "pct_of_sgd",
+    "psnr_mean",
+    "adaptive_ssim_mean",
+    "adaptive_ssim_std",
+    "adaptive_psnr_mean",
+    "wire_words",
+    "wire_ratio",
+]
 
 
 def _f(v, fmt):
     return "" if v is None else format(v, fmt)
 
 
+def _ci(ci) -> str:
+    return "" if ci is None else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
 def table1_markdown(rows, paper_setting: str) -> str:
-    out = ["# Table 1: gradient inversion (SSIM of reconstructions)", "",
-           f"Setting of this run: {paper_setting}. 'observed' is the paper's attacker (matches the decompressed "
-           "message); 'adaptive' applies the compressor to its dummy gradient. % of SGD = observed SSIM relative to "
-           "uncompressed SGD on the same images.", ""]
-    for d in sorted({r["dataset"] for r in rows}, key=lambda x: DATASET_ORDER.index(x) if x in DATASET_ORDER else 9):
-        out += [f"## {d}", ""] + results.markdown_table(
-            ["algorithm", "SSIM mean", "std", "% of SGD", "PSNR dB", "adaptive SSIM", "words/step", "wire ratio",
-             "images"],
-            [[_label(r["compressor"]), _f(r.get("ssim_mean"), ".4f"), _f(r.get("ssim_std"), ".4f"),
-              _f(r.get("pct_of_sgd"), ".2f") + ("%" if "pct_of_sgd" in r else ""), _f(r.get("psnr_mean"), ".2f"),
-              _f(r.get("adaptive_ssim_mean"), ".4f"), r["wire_words"], f"{r['wire_ratio']:.4f}", r["n_images"]]
-             for r in rows if r["dataset"] == d])
-        out.append("")
+    out = [
+        "# Table 1: gradient inversion (SSIM of reconstructions)",
+        "",
+        f"Setting of this run: {paper_setting}. Each victim batch is worker 0's batch in a real data-parallel round; "
+        "the 'worker' observer sees worker 0's message (with PowerSGD, the P_hat of all workers). BatchNorm 'train' "
+        "mode is what training sends; 'eval' mode (running averages) is Geiping et al.'s setting. 'observed' is "
+        "the paper's attacker (matches the decompressed message); 'adaptive' applies the compressor to its dummy "
+        "gradient. % of SGD = observed SSIM relative to uncompressed SGD on the same images and mode; intervals "
+        "are Student-t 95% intervals of the mean over images.",
+        "",
+    ]
+    for d in sorted({r["dataset"] for r in rows}, key=_dataset_key):
+        for m in sorted({(r["bn_statistics"], r["observer"]) for r in rows if r["dataset"] == d}, key=_mode_key):
+            out += [f"## {d}, {mode_label(m)}", ""] + results.markdown_table(
+                [
+                    "algorithm",
+                    "SSIM mean",
+                    "95% interval",
+                    "% of SGD",
+                    "PSNR dB",
+                    "adaptive SSIM",
+                    "95% interval",
+                    "words/step",
+                    "wire ratio",
+                    "images",
+                ],
+                [
+                    [
+                        _label(r["compressor"]),
+                        _f(r.get("ssim_mean"), ".4f"),
+                        _ci(r.get("ssim_ci")),
+                        _f(r.get("pct_of_sgd"), ".2f") + ("%" if "pct_of_sgd" in r else ""),
+                        _f(r.get("psnr_mean"), ".2f"),
+                        _f(r.get("adaptive_ssim_mean"), ".4f"),
+                        _ci(r.get("adaptive_ssim_ci")),
+                        r["wire_words"],
+                        f"{r['wire_ratio']:.4f}",
+                        r["n_images"],
+                    ]
+                    for r in rows
+                    if r["dataset"] == d and (r["bn_statistics"], r["observer"]) == m
+                ],
+            )
+            out.append("")
     return "\n".join(out)
 
 
@@ -116,29 +231,42 @@ def write_csv(rows, path):
 def mia_rows(mia_records) -> list[dict]:
     rows = []
     for r in sorted(mia_records, key=lambda r: (r["dataset"], _spec_key(r["compressor"]))):
-        rows.append(dict(dataset=r["dataset"], compressor=r["compressor"], attacks=r["attacks"],
-                         test_accuracy=r["test_accuracy"], wire=r["wire"], shadows=r["mia_shadows"]))
+        rows.append(
+            dict(
+                dataset=r["dataset"],
+                compressor=r["compressor"],
+                attacks=r["attacks"],
+                test_accuracy=r["test_accuracy"],
+                wire=r["wire"],
+                shadows=r["mia_shadows"],
+            )
+        )
     return rows
 
 
 def table2_markdown(rows) -> str:
-    out = ["# Table 2: membership inference", "",
-           "Accuracy columns: the **oracle** balanced accuracy (best threshold chosen on the evaluation set itself), "
-           "which is what the paper's Table 2 reports; **calibrated** accuracy uses a threshold chosen on the shadow "
-           "models' known members and non-members, never on the evaluation set (LiRA: likelihood ratio 0). AUC and "
-           "TPR at 1% / 0.1% FPR follow Carlini et al. 2022; brackets are 95% bootstrap intervals. The paper's "
-           "'cross-entropy MIA' is reported here as the entropy attack; Mentr is Song & Mittal's modified entropy.", ""]
+    out = [
+        "# Table 2: membership inference",
+        "",
+        "Accuracy columns: the **oracle** balanced accuracy (best threshold chosen on the evaluation set itself), "
+        "which is what the paper's Table 2 reports; **calibrated** accuracy uses a threshold chosen on the shadow "
+        "models' known members and non-members, never on the evaluation set (LiRA: likelihood ratio 0). AUC and "
+        "TPR at 1% / 0.1% FPR follow Carlini et al. 2022; brackets are 95% bootstrap intervals. The paper's "
+        "'cross-entropy MIA' is reported here as the entropy attack; Mentr is Song & Mittal's modified entropy.",
+        "",
+    ]
     for d in sorted({r["dataset"] for r in rows}):
         cells = []
         for r in (r for r in rows if r["dataset"] == d):
             a = r["attacks"]
             lira = a.get("lira_online") or a.get("lira_offline") or {}
 
-            def acc(name):
+            def acc(name, a=a):
                 m = a.get(name, {})
                 cal = m.get("calibrated_acc")
-                return f"{100 * m['oracle_acc']:.2f}% / " + (f"{100 * cal:.2f}%" if cal is not None else "-") \
-                    if m else "-"
+                return (
+                    f"{100 * m['oracle_acc']:.2f}% / " + (f"{100 * cal:.2f}%" if cal is not None else "-") if m else "-"
+                )
 
             def ci(m, k):
                 if not m or k not in m:
@@ -146,41 +274,81 @@ def table2_markdown(rows) -> str:
                 lo_hi = m.get(f"{k}_ci")
                 return f"{m[k]:.3f}" + (f" [{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]" if lo_hi else "")
 
-            cells.append([_label(r["compressor"]), acc("confidence"), acc("loss"), acc("entropy"),
-                          ci(a.get("loss"), "auc"), ci(a.get("mentr"), "auc"), ci(lira, "auc"), ci(lira, "tpr@1%fpr"),
-                          ci(lira, "tpr@0.1%fpr"), ci(a.get("loss"), "tpr@1%fpr")])
+            cells.append(
+                [
+                    _label(r["compressor"]),
+                    acc("confidence"),
+                    acc("loss"),
+                    acc("entropy"),
+                    ci(a.get("loss"), "auc"),
+                    ci(a.get("mentr"), "auc"),
+                    ci(lira, "auc"),
+                    ci(lira, "tpr@1%fpr"),
+                    ci(lira, "tpr@0.1%fpr"),
+                    ci(a.get("loss"), "tpr@1%fpr"),
+                ]
+            )
         out += [f"## {d}", ""] + results.markdown_table(
-            ["algorithm", "confidence acc (oracle / calibrated)", "loss acc (oracle / calibrated)",
-             "entropy acc (oracle / calibrated)", "loss AUC", "Mentr AUC", "LiRA AUC", "LiRA TPR@1%FPR",
-             "LiRA TPR@0.1%FPR", "loss TPR@1%FPR"], cells)
+            [
+                "algorithm",
+                "confidence acc (oracle / calibrated)",
+                "loss acc (oracle / calibrated)",
+                "entropy acc (oracle / calibrated)",
+                "loss AUC",
+                "Mentr AUC",
+                "LiRA AUC",
+                "LiRA TPR@1%FPR",
+                "LiRA TPR@0.1%FPR",
+                "loss TPR@1%FPR",
+            ],
+            cells,
+        )
         n = rows[0]["attacks"]["loss"]
-        out += ["", f"{n['n_members']} members / {n['n_nonmembers']} non-members per configuration; below "
-                f"1/{n['n_nonmembers']} FPR the TPR is interpolated.", ""]
+        out += [
+            "",
+            f"{n['n_members']} members / {n['n_nonmembers']} non-members per configuration; below "
+            f"1/{n['n_nonmembers']} FPR the TPR is interpolated.",
+            "",
+        ]
     return "\n".join(out)
 
 
 def utility_markdown(mrows) -> str:
-    out = ["# Utility: accuracy and wire cost of each training configuration", "",
-           "Test accuracy of the MIA target model (trained on half of the pool) on the held-out half; words and "
-           "bytes one worker puts on the wire per step (gradient message + synchronised BatchNorm statistics).", ""]
+    out = [
+        "# Utility: accuracy and wire cost of each training configuration",
+        "",
+        "Test accuracy of the MIA target model (trained on half of the pool) on the held-out half; words and "
+        "bytes one worker puts on the wire per step (gradient message + synchronised BatchNorm statistics).",
+        "",
+    ]
     out += results.markdown_table(
         ["dataset", "algorithm", "test accuracy", "words/step", "bytes/step", "vs uncompressed"],
-        [[r["dataset"], _label(r["compressor"]), f"{r['test_accuracy']:.4f}", r["wire"]["words"], r["wire"]["bytes"],
-          f"{r['wire']['words'] / r['wire']['uncompressed_words']:.4f}"] for r in mrows])
+        [
+            [
+                r["dataset"],
+                _label(r["compressor"]),
+                f"{r['test_accuracy']:.4f}",
+                r["wire"]["words"],
+                r["wire"]["bytes"],
+                f"{r['wire']['words'] / r['wire']['uncompressed_words']:.4f}",
+            ]
+            for r in mrows
+        ],
+    )
     return "\n".join(out) + "\n"
 
 
 def figure1(gradinv_records, workdir, path):
-    obs = [r for r in gradinv_records if r["threat"] == "observed"]
-    datasets = sorted({r["dataset"] for r in obs}, key=lambda x: DATASET_ORDER.index(x) if x in DATASET_ORDER else 9)
-    if not datasets:
-        return False
+    """Originals and observed-attacker reconstructions: one row per image, dataset and BatchNorm mode."""
+    obs = [r for r in gradinv_records if r["threat"] == "observed" and _mode(r)[1] == "worker"]
     specs = sorted({r["compressor"] for r in obs}, key=_spec_key)
     blocks = []
-    for d in datasets:
+    for d, bn in sorted(
+        {(r["dataset"], _mode(r)[0]) for r in obs}, key=lambda p: (_dataset_key(p[0]), _mode_key((p[1], "")))
+    ):
         imgs = defaultdict(dict)  # image id -> spec -> image
         originals = {}
-        for r in (r for r in obs if r["dataset"] == d):
+        for r in (r for r in obs if r["dataset"] == d and _mode(r)[0] == bn):
             f = pathlib.Path(workdir) / r["recon"]
             if not f.exists():
                 continue
@@ -188,51 +356,65 @@ def figure1(gradinv_records, workdir, path):
                 for i, img_id in enumerate(z["image_ids"]):
                     imgs[int(img_id)][r["compressor"]] = z["reconstructions"][i]
                     originals[int(img_id)] = z["originals"][i]
-        blocks.append((d, sorted(originals), imgs, originals))
+        blocks.append((f"{d}\n{bn}", sorted(originals), imgs, originals))
     n_rows = sum(len(b[1]) for b in blocks)
     if n_rows == 0:
         return False
     cols = ["original"] + specs
     fig, axes = plt.subplots(n_rows, len(cols), figsize=(1.1 * len(cols), 1.15 * n_rows + 0.6), squeeze=False)
     row = 0
-    for d, ids, imgs, originals in blocks:
+    for name, ids, imgs, originals in blocks:
         for img_id in ids:
             for j, c in enumerate(cols):
                 ax = axes[row, j]
                 ax.axis("off")
                 im = originals[img_id] if c == "original" else imgs[img_id].get(c)
                 if im is not None:
-                    ax.imshow(im[..., 0] if im.shape[-1] == 1 else im, cmap="gray" if im.shape[-1] == 1 else None,
-                              vmin=0, vmax=255)
+                    ax.imshow(
+                        im[..., 0] if im.shape[-1] == 1 else im,
+                        cmap="gray" if im.shape[-1] == 1 else None,
+                        vmin=0,
+                        vmax=255,
+                    )
                 if row == 0:
-                    ax.set_title("Original" if c == "original" else _label(c).replace(" (uncompressed)", ""),
-                                 fontsize=5)
-            axes[row, 0].text(-0.15, 0.5, d, transform=axes[row, 0].transAxes, ha="right", va="center", fontsize=6)
+                    ax.set_title(
+                        "Original" if c == "original" else _label(c).replace(" (uncompressed)", ""), fontsize=5
+                    )
+            axes[row, 0].text(-0.15, 0.5, name, transform=axes[row, 0].transAxes, ha="right", va="center", fontsize=6)
             row += 1
-    fig.suptitle("Gradient inversion from each worker's message (observed attacker)", fontsize=7)
+    fig.suptitle("Gradient inversion from worker 0's message (observed attacker; BatchNorm mode per row)", fontsize=7)
     fig.tight_layout()
     results.save_figure(fig, path, dpi=150)
     return True
 
 
 def ssim_vs_compression(rows, path):
+    rows = [r for r in rows if r["observer"] == "worker"]
     if not rows:
         return False
-    datasets = sorted({r["dataset"] for r in rows})
+    datasets = sorted({r["dataset"] for r in rows}, key=_dataset_key)
     fig, axes = plt.subplots(1, len(datasets), figsize=(4 * len(datasets), 3.4), squeeze=False)
-    for ax, d in zip(axes[0], datasets):
-        rs = [r for r in rows if r["dataset"] == d]
-        for family in ("powersgd", "topk_level"):
-            for threat, key, style in (("observed", "ssim_mean", "-o"), ("adaptive", "adaptive_ssim_mean", "--s")):
-                pts = sorted((r["wire_words"], r[key]) for r in rs
-                             if r["compressor"].startswith(family + ":") and key in r)
-                if pts:
-                    ax.plot(*zip(*pts), style, ms=3, label=f"{_label(family + ':').split(' ')[0]} {threat}")
-        for r in rs:
-            if r["compressor"] == "none" and "ssim_mean" in r:
-                ax.plot([r["wire_words"]], [r["ssim_mean"]], "k*", ms=8, label="SGD")
+    for ax, d in zip(axes[0], datasets, strict=True):
+        for bn, color in (("eval", "tab:blue"), ("train", "tab:red")):
+            rs = [r for r in rows if r["dataset"] == d and r["bn_statistics"] == bn]
+            for family, marker in (("powersgd", "o"), ("topk_level", "s")):
+                for threat, key, line in (("observed", "ssim_mean", "-"), ("adaptive", "adaptive_ssim_mean", ":")):
+                    pts = sorted(
+                        (r["wire_words"], r[key]) for r in rs if r["compressor"].startswith(family + ":") and key in r
+                    )
+                    if pts:
+                        ax.plot(
+                            *zip(*pts, strict=True),
+                            line + marker,
+                            color=color,
+                            ms=3,
+                            label=f"{_label(family + ':').split(' ')[0]} {threat} ({bn})",
+                        )
+            for r in rs:
+                if r["compressor"] == "none" and "ssim_mean" in r:
+                    ax.plot([r["wire_words"]], [r["ssim_mean"]], "*", color=color, ms=8, label=f"SGD ({bn})")
         ax.set(xscale="log", xlabel="32-bit words on the wire per worker and step", ylabel="mean SSIM", title=d)
-        ax.legend(fontsize=6)
+        ax.legend(fontsize=5)
     fig.tight_layout()
     results.save_figure(fig, path, dpi=130)
     return True
@@ -245,8 +427,15 @@ def plot_roc(curves: dict, path, title: str = "") -> None:
     for name, (fpr, tpr) in curves.items():
         ax.plot(np.maximum(fpr, floor), np.maximum(tpr, floor), label=name, lw=1.2)
     ax.plot([floor, 1], [floor, 1], "k--", lw=0.8, label="chance")
-    ax.set(xscale="log", yscale="log", xlim=(floor, 1), ylim=(floor, 1), xlabel="false positive rate",
-           ylabel="true positive rate", title=title)
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlim=(floor, 1),
+        ylim=(floor, 1),
+        xlabel="false positive rate",
+        ylabel="true positive rate",
+        title=title,
+    )
     ax.legend(fontsize=6, loc="lower right")
     fig.tight_layout()
     results.save_figure(fig, path, dpi=120)
@@ -267,87 +456,148 @@ def roc_figure(mia_records, workdir, path):
     return bool(curves)
 
 
+def verdict(ok) -> str:
+    return "confirmed" if ok else "NOT confirmed"
+
+
 def claims(rows, mrows) -> list[str]:
-    """Which of the paper's claims this run confirms, with the numbers behind each verdict."""
+    """Which of the paper's claims this run confirms, per BatchNorm mode and observer, with the numbers behind each."""
+    out = []
+    for m in sorted({(r["bn_statistics"], r["observer"]) for r in rows}, key=_mode_key):
+        lines = gradinv_claims([r for r in rows if (r["bn_statistics"], r["observer"]) == m])
+        out += [f"- *{mode_label(m)}*:"] + ["  " + line for line in lines]
+    out += mia_claims(mrows)
+    return out or ["- No configurations finished yet."]
+
+
+def gradinv_claims(rows) -> list[str]:
     out = []
     by = {(r["dataset"], r["compressor"]): r for r in rows}
     datasets = sorted({r["dataset"] for r in rows})
-
-    def verdict(ok):
-        return "confirmed" if ok else "NOT confirmed"
 
     for d in datasets:
         base = by.get((d, "none"))
         comp = [r for r in rows if r["dataset"] == d and r["compressor"] != "none" and "ssim_mean" in r]
         if base and comp and "ssim_mean" in base:
             worst = max(comp, key=lambda r: r["ssim_mean"])
-            out.append(f"- Uncompressed SGD leaks most ({d}): {verdict(base['ssim_mean'] > worst['ssim_mean'])} "
-                       f"(SGD {base['ssim_mean']:.3f}; most-leaking compressed: {worst['compressor']} "
-                       f"{worst['ssim_mean']:.3f}).")
-        pw = sorted((int(r["compressor"].split(":")[1]), r["ssim_mean"]) for r in comp
-                    if r["compressor"].startswith("powersgd:"))
+            out.append(
+                f"- Uncompressed SGD leaks most ({d}): {verdict(base['ssim_mean'] > worst['ssim_mean'])} "
+                f"(SGD {base['ssim_mean']:.3f}; most-leaking compressed: {worst['compressor']} "
+                f"{worst['ssim_mean']:.3f})."
+            )
+        pw = sorted(
+            (int(r["compressor"].split(":")[1]), r["ssim_mean"])
+            for r in comp
+            if r["compressor"].startswith("powersgd:")
+        )
         if len(pw) >= 2:
             mono = all(b >= a - 0.02 for (_, a), (_, b) in zip(pw, pw[1:]))
-            out.append(f"- PowerSGD leakage grows with rank ({d}): {verdict(mono and pw[-1][1] > pw[0][1])} "
-                       f"({', '.join(f'r{k}: {v:.3f}' for k, v in pw)}).")
-        pairs = [(r["compressor"].split(":")[1], by.get((d, "powersgd:" + r["compressor"].split(":")[1])), r)
-                 for r in comp if r["compressor"].startswith("topk_level:")]
+            out.append(
+                f"- PowerSGD leakage grows with rank ({d}): {verdict(mono and pw[-1][1] > pw[0][1])} "
+                f"({', '.join(f'r{k}: {v:.3f}' for k, v in pw)})."
+            )
+        pairs = [
+            (r["compressor"].split(":")[1], by.get((d, "powersgd:" + r["compressor"].split(":")[1])), r)
+            for r in comp
+            if r["compressor"].startswith("topk_level:")
+        ]
         pairs = [(lvl, p, t) for lvl, p, t in pairs if p and "ssim_mean" in p]
         if pairs:
             ok = all(t["ssim_mean"] < p["ssim_mean"] for _, p, t in pairs)
-            out.append(f"- Top-K leaks less than PowerSGD at the same wire size ({d}): {verdict(ok)} ("
-                       + ", ".join(f"level {l}: Top-K {t['ssim_mean']:.3f} vs PowerSGD {p['ssim_mean']:.3f}"
-                                   for l, p, t in pairs) + ").")
+            out.append(
+                f"- Top-K leaks less than PowerSGD at the same wire size ({d}): {verdict(ok)} ("
+                + ", ".join(
+                    f"level {lvl}: Top-K {t['ssim_mean']:.3f} vs PowerSGD {p['ssim_mean']:.3f}" for lvl, p, t in pairs
+                )
+                + ")."
+            )
         ada = [(r["compressor"], r["ssim_mean"], r["adaptive_ssim_mean"]) for r in comp if "adaptive_ssim_mean" in r]
         if ada:
             best = max(ada, key=lambda a: a[2] - a[1])
             better = sum(a[2] > a[1] for a in ada)
-            out.append(f"- Extension, compression-aware attacker ({d}): beats the paper's attacker on {better} of "
-                       f"{len(ada)} compressors; largest difference on {best[0]} ({best[1]:.3f} -> {best[2]:.3f} "
-                       "SSIM).")
+            out.append(
+                f"- Extension, compression-aware attacker ({d}): beats the paper's attacker on {better} of "
+                f"{len(ada)} compressors; largest difference on {best[0]} ({best[1]:.3f} -> {best[2]:.3f} "
+                "SSIM)."
+            )
     sgd = {d: by[(d, "none")]["ssim_mean"] for d in datasets if (d, "none") in by and "ssim_mean" in by[(d, "none")]}
     if "mnist" in sgd and len(sgd) > 1:
         others = {d: v for d, v in sgd.items() if d != "mnist"}
-        out.append(f"- MNIST leaks more than CIFAR under SGD: {verdict(all(sgd['mnist'] > v for v in others.values()))}"
-                   f" (mnist {sgd['mnist']:.3f}; " + ", ".join(f"{d} {v:.3f}" for d, v in others.items()) + ").")
+        out.append(
+            f"- MNIST leaks more than CIFAR under SGD: {verdict(all(sgd['mnist'] > v for v in others.values()))}"
+            f" (mnist {sgd['mnist']:.3f}; " + ", ".join(f"{d} {v:.3f}" for d, v in others.items()) + ")."
+        )
+    return out
+
+
+def mia_claims(mrows) -> list[str]:
+    out = []
     for d in sorted({r["dataset"] for r in mrows}):
         rs = {r["compressor"]: r for r in mrows if r["dataset"] == d}
         if "none" in rs and len(rs) > 1:
             base = rs["none"]["attacks"]["loss"]["oracle_acc"]
             diffs = {c: 100 * (r["attacks"]["loss"]["oracle_acc"] - base) for c, r in rs.items() if c != "none"}
             big = max(diffs.items(), key=lambda kv: abs(kv[1]))
-            out.append(f"- Compression barely changes MIA accuracy ({d}, loss attack, oracle): "
-                       f"{verdict(abs(big[1]) < 2.0)} (largest change {big[1]:+.2f} points, {big[0]}).")
+            out.append(
+                f"- Compression barely changes MIA accuracy ({d}, loss attack, oracle): "
+                f"{verdict(abs(big[1]) < 2.0)} (largest change {big[1]:+.2f} points, {big[0]})."
+            )
             lira = {c: r["attacks"].get("lira_online", {}).get("tpr@1%fpr") for c, r in rs.items()}
             if all(v is not None for v in lira.values()):
-                out.append(f"- Extension, LiRA TPR at 1% FPR ({d}): " +
-                           ", ".join(f"{c} {v:.3f}" for c, v in lira.items()) + ".")
-    return out or ["- No configurations finished yet."]
+                out.append(
+                    f"- Extension, LiRA TPR at 1% FPR ({d}): "
+                    + ", ".join(f"{c} {v:.3f}" for c, v in lira.items())
+                    + "."
+                )
+    return out
 
 
 def report_markdown(rows, mrows, setting, paper_match: bool) -> str:
-    out = ["# Reproduction report", "", f"Setting: {setting}.",
-           "Paper: ResNet-18, 10 images per dataset, Geiping et al.'s attack (24000 iterations). "
-           + ("This run matches that setting." if paper_match else
-              "This run does **not** match that setting (smaller model / budget), so compare trends, not values."),
-           "", "## Claims", ""] + claims(rows, mrows)
+    out = [
+        "# Reproduction report",
+        "",
+        f"Setting: {setting}.",
+        "Paper: ResNet-18, 10 images per dataset, Geiping et al.'s attack (24000 iterations). "
+        + (
+            "This run matches that setting."
+            if paper_match
+            else "This run does **not** match that setting (smaller model / budget), so compare trends, not values."
+        ),
+        "",
+        "## Claims",
+        "",
+    ] + claims(rows, mrows)
     beside = ["dataset", "algorithm", "this run", "paper"]
     table1 = []
     for r in rows:
         paper = paper_values.TABLE1.get(r["dataset"], {}).get(r["compressor"])
-        table1.append([r["dataset"], _label(r["compressor"]), _f(r.get("ssim_mean"), ".4f"),
-                       f"{paper[0]:.4f} ± {paper[1]:.4f}" if paper else "-"])
-    out += ["", "## Table 1 beside the paper (SSIM mean, observed attacker)", ""] + results.markdown_table(beside, table1)
+        table1.append(
+            [
+                r["dataset"],
+                _label(r["compressor"]),
+                f"{r['bn_statistics']} / {r['observer']}",
+                _f(r.get("ssim_mean"), ".4f"),
+                _ci(r.get("ssim_ci")),
+                f"{paper[0]:.4f} ± {paper[1]:.4f}" if paper else "-",
+            ]
+        )
+    out += ["", "## Table 1 beside the paper (SSIM mean, observed attacker)", ""] + results.markdown_table(
+        ["dataset", "algorithm", "BatchNorm mode / observer", "this run", "95% interval", "paper"], table1
+    )
     if mrows:
         table2 = []
         for r in mrows:
             a = r["attacks"]
             paper = paper_values.TABLE2.get(r["dataset"], {}).get(r["compressor"])
             ours = " / ".join(f"{100 * a[k]['oracle_acc']:.2f}%" for k in ("confidence", "loss", "entropy"))
-            table2.append([r["dataset"], _label(r["compressor"]), ours,
-                           " / ".join(f"{v:.2f}%" for v in paper) if paper else "-"])
-        out += ["", "## Table 2 beside the paper (oracle accuracy: confidence / loss / entropy)", ""] + \
-            results.markdown_table(beside, table2)
+            table2.append(
+                [r["dataset"], _label(r["compressor"]), ours, " / ".join(f"{v:.2f}%" for v in paper) if paper else "-"]
+            )
+        out += [
+            "",
+            "## Table 2 beside the paper (oracle accuracy: confidence / loss / entropy)",
+            "",
+        ] + results.markdown_table(beside, table2)
     out += ["", "Files: table1.md, table1.csv, figure1.png, ssim_vs_compression.png, table2.md, roc.png, utility.md."]
     return "\n".join(out) + "\n"
 
@@ -356,14 +606,20 @@ def write_reports(workdir) -> list[pathlib.Path]:
     workdir = pathlib.Path(workdir)
     g, m, damaged = load(workdir)
     if damaged is not None:
-        print(f"WARNING: the last line of {workdir / 'results.jsonl'} is damaged and was not reported: "
-              f"{damaged[:80]!r}", file=sys.stderr)
+        print(
+            f"WARNING: the last line of {workdir / 'results.jsonl'} is damaged and was not reported: {damaged[:80]!r}",
+            file=sys.stderr,
+        )
     rows = table1_rows(g)
     mrows = mia_rows(m)
     any_rec = (g or m or [{}])[0]
     sources = sorted({r.get("data_source", "?") for r in g + m})
-    setting = (f"model {any_rec.get('model', '?')}, {any_rec.get('iterations', '?')} attack iterations, "
-               f"{any_rec.get('restarts', '?')} restart(s), data {', '.join(sources) or '?'}")
+    setting = (
+        f"model {any_rec.get('model', '?')} at training step {any_rec.get('attack_step', 0)}, "
+        f"{any_rec.get('iterations', '?')} attack iterations, {any_rec.get('restarts', '?')} restart(s), "
+        f"N = {any_rec.get('workers', 1)} workers, B = {any_rec.get('victim_batch', 1)} image(s) per worker, "
+        f"BatchNorm {any_rec.get('batchnorm', 'sync')}, data {', '.join(sources) or '?'}"
+    )
     paper_match = any_rec.get("model") == "resnet18" and any_rec.get("iterations") == 24000
     written = []
 
@@ -377,23 +633,23 @@ def write_reports(workdir) -> list[pathlib.Path]:
     put("table2.md", table2_markdown(mrows) if mrows else "# Table 2: membership inference\n\nNo MIA units yet.\n")
     put("utility.md", utility_markdown(mrows))
     put("report.md", report_markdown(rows, mrows, setting, paper_match))
-    for name, fn in (("figure1.png", lambda p: figure1(g, workdir, p)),
-                     ("ssim_vs_compression.png", lambda p: ssim_vs_compression(rows, p)),
-                     ("roc.png", lambda p: roc_figure(m, workdir, p))):
+    for name, fn in (
+        ("figure1.png", lambda p: figure1(g, workdir, p)),
+        ("ssim_vs_compression.png", lambda p: ssim_vs_compression(rows, p)),
+        ("roc.png", lambda p: roc_figure(m, workdir, p)),
+    ):
         if fn(workdir / name):
             written.append(workdir / name)
     return written
 
 
 def main(argv):
-    from absl import flags
-
+    del argv
     written = write_reports(flags.FLAGS.workdir)
     print("\n".join(str(p) for p in written))
 
 
 if __name__ == "__main__":
-    from absl import app, flags
-
+    # Defined only when run as a program: reproduce imports this module and has its own --workdir.
     flags.DEFINE_string("workdir", "runs/reproduce", "the reproduce run's workdir")
     app.run(main)

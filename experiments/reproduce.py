@@ -64,13 +64,25 @@ flags.DEFINE_integer("iterations", None, "attack iterations")
 flags.DEFINE_integer("restarts", None, "attack restarts")
 flags.DEFINE_float("tv", 1e-4, "total-variation weight")
 flags.DEFINE_integer("workers", None, "data-parallel workers N in the attacked round (the victim is worker 0)")
-flags.DEFINE_enum("batchnorm", "local", list(victim.BATCHNORM),
-                  "BatchNorm synchronisation: local (PyTorch DDP's default) or sync (statistics all-reduced)")
-flags.DEFINE_list("bn_statistics", None, "BatchNorm mode(s) of the attacked round: train (what training sends) "
-                  "and/or eval (running averages, Geiping et al.'s setting)")
+flags.DEFINE_enum(
+    "batchnorm",
+    "local",
+    list(victim.BATCHNORM),
+    "BatchNorm synchronisation: local (PyTorch DDP's default) or sync (statistics all-reduced)",
+)
+flags.DEFINE_list(
+    "bn_statistics",
+    None,
+    "BatchNorm mode(s) of the attacked round: train (what training sends) "
+    "and/or eval (running averages, Geiping et al.'s setting)",
+)
 flags.DEFINE_list("observers", ["worker"], "observer(s): worker (worker 0's own message) and/or aggregate")
-flags.DEFINE_integer("start_iter", 0, "PowerSGD sends the plain mean for the first start_iter steps (PyTorch's "
-                     "start_powerSGD_iter; 0 compresses from the first step)")
+flags.DEFINE_integer(
+    "start_iter",
+    0,
+    "PowerSGD sends the plain mean for the first start_iter steps (PyTorch's "
+    "start_powerSGD_iter; 0 compresses from the first step)",
+)
 flags.DEFINE_integer("attack_step", 0, "attack at this training step (0: first step, no error memory)")
 flags.DEFINE_string("model", None, "convnet | resnet18")
 flags.DEFINE_bool("mia", None, "run membership inference units")
@@ -98,11 +110,25 @@ class ConfigError(ValueError):
 
 # What identifies a result cell in the reports, and what else a finished unit's meaning depends on. Within one
 # workdir the second must agree across units of a kind (see `check_one_setting`).
-CELL_FIELDS = {"gradinv": ("dataset", "compressor", "threat", "bn_statistics", "observer"),
-               "mia": ("dataset", "compressor")}
+CELL_FIELDS = {
+    "gradinv": ("dataset", "compressor", "threat", "bn_statistics", "observer"),
+    "mia": ("dataset", "compressor"),
+}
 SETTING_FIELDS = {
-    "gradinv": ("model", "iterations", "restarts", "tv", "seed", "data_source", "workers", "victim_batch",
-                "batchnorm", "start_iter", "attack_step", "train_batch"),
+    "gradinv": (
+        "model",
+        "iterations",
+        "restarts",
+        "tv",
+        "seed",
+        "data_source",
+        "workers",
+        "victim_batch",
+        "batchnorm",
+        "start_iter",
+        "attack_step",
+        "train_batch",
+    ),
     "mia": ("model", "seed", "mia_shadows", "mia_steps", "mia_pool", "batch_size", "data_source"),
 }
 
@@ -160,16 +186,20 @@ def validate(params_by_dataset, datasets):
         if FLAGS.images > n_train:
             raise ConfigError(f"--images={FLAGS.images} exceeds the {n_train} images of {name}.")
         if FLAGS.workers * FLAGS.victim_batch > n_train:
-            raise ConfigError(f"--workers={FLAGS.workers} x --victim_batch={FLAGS.victim_batch} exceeds the {n_train} "
-                              f"training images of {name}.")
+            raise ConfigError(
+                f"--workers={FLAGS.workers} x --victim_batch={FLAGS.victim_batch} exceeds the {n_train} "
+                f"training images of {name}."
+            )
         shapes = [np.shape(x) for x in jax.tree.leaves(params)]
         for spec in FLAGS.compressors:
             compress.from_spec(spec, params)  # raises on unknown specs
             kind, _, arg = spec.partition(":")
             if kind in ("powersgd", "topk_level") and not any(compress.powersgd_plan(shapes, int(arg))):
                 useful = max((r for r in range(1, 513) if any(compress.powersgd_plan(shapes, r))), default=0)
-                raise ConfigError(f"{spec}: rank {arg} compresses no tensor of {FLAGS.model} on {name} "
-                                  f"(every tensor would travel in full); the largest useful rank is {useful}.")
+                raise ConfigError(
+                    f"{spec}: rank {arg} compresses no tensor of {FLAGS.model} on {name} "
+                    f"(every tensor would travel in full); the largest useful rank is {useful}."
+                )
 
 
 def prepare():
@@ -192,7 +222,7 @@ def victim_batches(ds, images: int, batch: int, workers: int, seed: int) -> list
     order = np.random.default_rng(seed).permutation(len(ds.x_train))
     out = []
     for j in range(images // batch):
-        ids = order[j * batch:(j + 1) * batch]
+        ids = order[j * batch : (j + 1) * batch]
         out.append((ids.tolist(), victim.other_worker_ids(ids, len(ds.x_train), workers, seed).tolist()))
     return out
 
@@ -216,25 +246,49 @@ def plan_units(datasets, done_records) -> list[dict]:
                         if observer == "aggregate" and threat == "adaptive":
                             continue  # the aggregate is a dense mixture: nothing to adapt to
                         setting = dict(
-                            kind="gradinv", dataset=name, compressor=spec, threat=threat, bn_statistics=bn,
-                            observer=observer, model=FLAGS.model, iterations=FLAGS.iterations,
-                            restarts=FLAGS.restarts, tv=FLAGS.tv, seed=FLAGS.seed, data_source=ds.source,
-                            workers=FLAGS.workers, victim_batch=FLAGS.victim_batch, batchnorm=FLAGS.batchnorm,
+                            kind="gradinv",
+                            dataset=name,
+                            compressor=spec,
+                            threat=threat,
+                            bn_statistics=bn,
+                            observer=observer,
+                            model=FLAGS.model,
+                            iterations=FLAGS.iterations,
+                            restarts=FLAGS.restarts,
+                            tv=FLAGS.tv,
+                            seed=FLAGS.seed,
+                            data_source=ds.source,
+                            workers=FLAGS.workers,
+                            victim_batch=FLAGS.victim_batch,
+                            batchnorm=FLAGS.batchnorm,
                             start_iter=FLAGS.start_iter if spec.startswith("powersgd") else 0,
                             attack_step=FLAGS.attack_step,
-                            train_batch=FLAGS.batch_size if FLAGS.attack_step > 0 else None)
+                            train_batch=FLAGS.batch_size if FLAGS.attack_step > 0 else None,
+                        )
                         done = covered.get(setting_key(setting), set())
                         todo = [b for b in batches if tuple(b[0]) not in done]
                         for g in range(0, len(todo), FLAGS.group):
-                            chunk = todo[g:g + FLAGS.group]
-                            units.append(dict(setting, victim_ids=[b[0] for b in chunk],
-                                              worker_ids=[b[1] for b in chunk]))
+                            chunk = todo[g : g + FLAGS.group]
+                            units.append(
+                                dict(setting, victim_ids=[b[0] for b in chunk], worker_ids=[b[1] for b in chunk])
+                            )
     if FLAGS.mia:
         for name in FLAGS.mia_datasets:
             for spec in FLAGS.mia_compressors:
-                units.append(dict(kind="mia", dataset=name, compressor=spec, model=FLAGS.model, seed=FLAGS.seed,
-                                  mia_shadows=FLAGS.mia_shadows, mia_steps=FLAGS.mia_steps, mia_pool=FLAGS.mia_pool,
-                                  batch_size=FLAGS.batch_size, data_source=datasets[name].source))
+                units.append(
+                    dict(
+                        kind="mia",
+                        dataset=name,
+                        compressor=spec,
+                        model=FLAGS.model,
+                        seed=FLAGS.seed,
+                        mia_shadows=FLAGS.mia_shadows,
+                        mia_steps=FLAGS.mia_steps,
+                        mia_pool=FLAGS.mia_pool,
+                        batch_size=FLAGS.batch_size,
+                        data_source=datasets[name].source,
+                    )
+                )
     for u in units:
         u["key"] = unit_key(u)
     return units
@@ -253,7 +307,8 @@ def check_one_setting(units, done_records, results_path) -> None:
                 raise ConfigError(
                     f"{results_path} holds {kind} results with {f}={r.get(f)!r}; this run has {f}={u.get(f)!r}. A "
                     "workdir holds one setting (merging would mix or double-count results): rerun with the same flags "
-                    "or pass another --workdir.")
+                    "or pass another --workdir."
+                )
 
 
 def main(argv):
@@ -271,8 +326,11 @@ def main(argv):
     results_path = workdir / "results.jsonl"
     damaged = results.repair_trailing_line(results_path)
     if damaged is not None:
-        print(f"WARNING: the last line of {results_path} was cut short (a run was killed while writing); moved it "
-              f"to {results_path}.corrupt and that unit will be redone: {damaged[:80]!r}", flush=True)
+        print(
+            f"WARNING: the last line of {results_path} was cut short (a run was killed while writing); moved it "
+            f"to {results_path}.corrupt and that unit will be redone: {damaged[:80]!r}",
+            flush=True,
+        )
     done_records = results.read_records(results_path).records
     done = {r.get("key") for r in done_records}
     units = plan_units(datasets, done_records)
@@ -288,14 +346,18 @@ def main(argv):
         ds = datasets[u["dataset"]]
         if u["kind"] == "gradinv":
             record = run_gradinv_unit(u, ds, workdir, FLAGS.progress)
-            line = (f"{u['dataset']} {u['compressor']} {u['threat']} {u['bn_statistics']}-mode {u['observer']} "
-                    f"images {sum(u['victim_ids'], [])}: SSIM {np.mean(record['ssim']):.3f} "
-                    f"PSNR {np.mean(record['psnr']):.1f} dB")
+            line = (
+                f"{u['dataset']} {u['compressor']} {u['threat']} {u['bn_statistics']}-mode {u['observer']} "
+                f"images {sum(u['victim_ids'], [])}: SSIM {np.mean(record['ssim']):.3f} "
+                f"PSNR {np.mean(record['psnr']):.1f} dB"
+            )
         else:
             record = run_mia_unit(u, ds, workdir, FLAGS.parallel_models)
             t = record["attacks"]
-            line = (f"MIA {u['dataset']} {u['compressor']}: loss AUC {t['loss']['auc']:.3f}, LiRA TPR@1%FPR "
-                    f"{t.get('lira_online', t['loss'])['tpr@1%fpr']:.3f}, test acc {record['test_accuracy']:.3f}")
+            line = (
+                f"MIA {u['dataset']} {u['compressor']}: loss AUC {t['loss']['auc']:.3f}, LiRA TPR@1%FPR "
+                f"{t.get('lira_online', t['loss'])['tpr@1%fpr']:.3f}, test acc {record['test_accuracy']:.3f}"
+            )
         if is_main:
             results.append_record(results_path, record)
             bar.write(f"{line}  ({time.time() - t0:.0f}s)")
@@ -328,22 +390,56 @@ def run_gradinv_unit(u: dict, ds: data.Dataset, workdir: pathlib.Path, progress:
     y = ds.y_train[ids.reshape(-1)]
     ox = data.normalize(ds.x_train[others.reshape(-1)], ds.name).reshape(*others.shape, *ds.image_shape)
     oy = ds.y_train[others]
-    cfg = gradinv.AttackConfig(iterations=u["iterations"], restarts=u["restarts"], tv=u["tv"],
-                               chunk=min(100, u["iterations"]), parallel=n * u["restarts"], seed=u["seed"])
-    r = gradinv.audit(model, variables, x, y, compressor, dataset=ds.name, threat=u["threat"], config=cfg,
-                      batch_size=b, workers=u["workers"], other_images=ox, other_labels=oy, observer=u["observer"],
-                      bn_statistics=u["bn_statistics"], batchnorm=u["batchnorm"], comp_state=comp_state,
-                      step=u["attack_step"], seeds=ids[:, 0], progress=progress)
+    cfg = gradinv.AttackConfig(
+        iterations=u["iterations"],
+        restarts=u["restarts"],
+        tv=u["tv"],
+        chunk=min(100, u["iterations"]),
+        parallel=n * u["restarts"],
+        seed=u["seed"],
+    )
+    r = gradinv.audit(
+        model,
+        variables,
+        x,
+        y,
+        compressor,
+        dataset=ds.name,
+        threat=u["threat"],
+        config=cfg,
+        batch_size=b,
+        workers=u["workers"],
+        other_images=ox,
+        other_labels=oy,
+        observer=u["observer"],
+        bn_statistics=u["bn_statistics"],
+        batchnorm=u["batchnorm"],
+        comp_state=comp_state,
+        step=u["attack_step"],
+        seeds=ids[:, 0],
+        progress=progress,
+    )
     recon = pathlib.Path("recon") / f"{u['key']}.npz"
     buf = io.BytesIO()
-    np.savez_compressed(buf, reconstructions=(r.reconstructions * 255).round().astype(np.uint8),
-                        originals=(r.originals * 255).round().astype(np.uint8), image_ids=ids.reshape(-1))
+    np.savez_compressed(
+        buf,
+        reconstructions=(r.reconstructions * 255).round().astype(np.uint8),
+        originals=(r.originals * 255).round().astype(np.uint8),
+        image_ids=ids.reshape(-1),
+    )
     results.write_atomic(workdir / recon, buf.getvalue())
-    return dict(u, image_ids=ids.reshape(-1).tolist(), labels=y.tolist(), ssim=r.per_image["ssim"].tolist(),
-                psnr=r.per_image["psnr"].tolist(), mse=r.per_image["mse"].tolist(),
-                matching_loss=r.matching_loss.tolist(), wire_words=r.wire.words,
-                uncompressed_words=sum(int(np.prod(np.shape(p))) for p in jax.tree.leaves(variables["params"])),
-                recon=str(recon))
+    return dict(
+        u,
+        image_ids=ids.reshape(-1).tolist(),
+        labels=y.tolist(),
+        ssim=r.per_image["ssim"].tolist(),
+        psnr=r.per_image["psnr"].tolist(),
+        mse=r.per_image["mse"].tolist(),
+        matching_loss=r.matching_loss.tolist(),
+        wire_words=r.wire.words,
+        uncompressed_words=sum(int(np.prod(np.shape(p))) for p in jax.tree.leaves(variables["params"])),
+        recon=str(recon),
+    )
 
 
 def trained_victim(u: dict, ds: data.Dataset, workdir: pathlib.Path):
@@ -355,27 +451,54 @@ def trained_victim(u: dict, ds: data.Dataset, workdir: pathlib.Path):
     same trained model. Worker 0's BatchNorm buffers stand for all workers'
     (DDP broadcasts them every step).
     """
-    fields = ("dataset", "compressor", "attack_step", "model", "seed", "train_batch", "workers", "batchnorm",
-              "start_iter", "data_source")
+    fields = (
+        "dataset",
+        "compressor",
+        "attack_step",
+        "model",
+        "seed",
+        "train_batch",
+        "workers",
+        "batchnorm",
+        "start_iter",
+        "data_source",
+    )
     key = hashlib.sha1(json.dumps({f: u[f] for f in fields}, sort_keys=True).encode()).hexdigest()[:16]
     path = (workdir / "victims" / key).absolute()
     model = victim.data_parallel_model(models.make_model(u["model"], ds.num_classes, norm="batch"), u["batchnorm"])
     initial = models.init_variables(model, jax.random.key(u["seed"]), ds.image_shape)
     compressor = _compressor(u, initial["params"])
-    template = {"params": initial["params"], "batch_stats": initial.get("batch_stats", {}),
-                "comp_state": train.replicate(compressor.init(initial["params"]), u["workers"])}
+    template = {
+        "params": initial["params"],
+        "batch_stats": initial.get("batch_stats", {}),
+        "comp_state": train.replicate(compressor.init(initial["params"]), u["workers"]),
+    }
     checkpointer = ocp.StandardCheckpointer()
     if not path.exists():
-        fitted = train.fit(model, compressor, data.normalize(ds.x_train, ds.name), ds.y_train,
-                           steps=u["attack_step"], global_batch=u["train_batch"], seed=u["seed"], progress=False,
-                           devices=jax.local_devices()[:u["workers"]])
-        tree = {"params": fitted.state.params, "batch_stats": fitted.state.batch_stats,
-                "comp_state": fitted.state.comp_state}
+        fitted = train.fit(
+            model,
+            compressor,
+            data.normalize(ds.x_train, ds.name),
+            ds.y_train,
+            steps=u["attack_step"],
+            global_batch=u["train_batch"],
+            seed=u["seed"],
+            progress=False,
+            devices=jax.local_devices()[: u["workers"]],
+        )
+        tree = {
+            "params": fitted.state.params,
+            "batch_stats": fitted.state.batch_stats,
+            "comp_state": fitted.state.comp_state,
+        }
         checkpointer.save(path, tree)  # orbax writes to a temporary directory and renames it when complete
         checkpointer.wait_until_finished()
         if jax.process_index() == 0:
-            print(f"trained the victim for {u['dataset']} {u['compressor']} to step {u['attack_step']} "
-                  f"({u['workers']} workers) -> {path}", flush=True)
+            print(
+                f"trained the victim for {u['dataset']} {u['compressor']} to step {u['attack_step']} "
+                f"({u['workers']} workers) -> {path}",
+                flush=True,
+            )
     tree = checkpointer.restore(path, template)
     return {"params": tree["params"], "batch_stats": tree["batch_stats"]}, tree["comp_state"]
 
@@ -387,19 +510,37 @@ def run_mia_unit(u: dict, ds: data.Dataset, workdir: pathlib.Path, parallel_mode
     x = data.normalize(x, ds.name)
     split = pathlib.Path("roc") / f"{u['key']}_split.npz"
     setup = shadows.train_target_and_shadows(
-        x, y, model_fn=lambda: models.make_model(u["model"], ds.num_classes, norm="batch", axis_name=train.AXIS),
-        compressor_spec=u["compressor"], num_shadows=u["mia_shadows"], steps=u["mia_steps"],
-        global_batch=u["batch_size"], seed=u["seed"], split_path=workdir / split, parallel_models=parallel_models)
+        x,
+        y,
+        model_fn=lambda: models.make_model(u["model"], ds.num_classes, norm="batch", axis_name=train.AXIS),
+        compressor_spec=u["compressor"],
+        num_shadows=u["mia_shadows"],
+        steps=u["mia_steps"],
+        global_batch=u["batch_size"],
+        seed=u["seed"],
+        split_path=workdir / split,
+        parallel_models=parallel_models,
+    )
     rep = membership.evaluate_membership(
-        setup.target_predict, x, y, setup.is_member, shadow_predicts=setup.shadow_predicts,
-        shadow_in=setup.shadow_in, augment="flip" if ds.name != "mnist" else "none", bootstrap=200, seed=u["seed"])
+        setup.target_predict,
+        x,
+        y,
+        setup.is_member,
+        shadow_predicts=setup.shadow_predicts,
+        shadow_in=setup.shadow_in,
+        augment="flip" if ds.name != "mnist" else "none",
+        bootstrap=200,
+        seed=u["seed"],
+    )
     roc = pathlib.Path("roc") / f"{u['key']}.npz"
     buf = io.BytesIO()
-    np.savez_compressed(buf, **{f"{k}_fpr": v[0] for k, v in rep.roc.items()},
-                        **{f"{k}_tpr": v[1] for k, v in rep.roc.items()})
+    np.savez_compressed(
+        buf, **{f"{k}_fpr": v[0] for k, v in rep.roc.items()}, **{f"{k}_tpr": v[1] for k, v in rep.roc.items()}
+    )
     results.write_atomic(workdir / roc, buf.getvalue())
-    return dict(u, attacks=rep.table, test_accuracy=setup.target_test_accuracy, wire=setup.wire, roc=str(roc),
-                split=str(split))
+    return dict(
+        u, attacks=rep.table, test_accuracy=setup.target_test_accuracy, wire=setup.wire, roc=str(roc), split=str(split)
+    )
 
 
 if __name__ == "__main__":

@@ -32,7 +32,9 @@ from trustsgd_jax import compress, data, models, results, train  # noqa: E402
 FLAGS = flags.FLAGS
 flags.DEFINE_string("dataset", "mnist", "mnist | cifar10 | cifar100")
 flags.DEFINE_string("data_source", "auto", "auto | npz | sample | tfds (see trustsgd_jax.data)")
-flags.DEFINE_string("data_dir", None, "directory of {dataset}.npz files (else $TRUSTSGD_DATA_DIR, else the bundled sample)")
+flags.DEFINE_string(
+    "data_dir", None, "directory of {dataset}.npz files (else $TRUSTSGD_DATA_DIR, else the bundled sample)"
+)
 flags.DEFINE_string("tfds_data_dir", None, "prepared TFDS data_dir for --data_source=tfds")
 flags.DEFINE_string("model", "convnet", "convnet | resnet18")
 flags.DEFINE_string("norm", "batch", "batch (synchronised) | batch_local | group | none")
@@ -54,8 +56,11 @@ def main(argv):
     del argv
     if FLAGS.coordinator_address:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                                   num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+        jax.distributed.initialize(
+            coordinator_address=FLAGS.coordinator_address,
+            num_processes=FLAGS.num_processes,
+            process_id=FLAGS.process_id,
+        )
     workdir = results.ensure_workdir(FLAGS.workdir)
     ds = data.load(FLAGS.dataset, FLAGS.data_source, FLAGS.data_dir, FLAGS.tfds_data_dir)
     train.check_batch(FLAGS.batch_size, jax.device_count())
@@ -65,21 +70,50 @@ def main(argv):
     compressor = compress.from_spec(FLAGS.compressor, params, seed=FLAGS.seed)
     is_main = jax.process_index() == 0
     if is_main:
-        print(f"{ds.name} from {ds.source}: {len(x_train)} train / {len(x_test)} test; {FLAGS.model} "
-              f"norm={FLAGS.norm}; {compressor.name}; {jax.device_count()} devices in "
-              f"{jax.process_count()} process(es)", flush=True)
-    result = train.fit(model, compressor, x_train, ds.y_train, steps=FLAGS.steps, global_batch=FLAGS.batch_size,
-                       optimizer=optax.sgd(FLAGS.learning_rate, momentum=0.9), seed=FLAGS.seed,
-                       progress=FLAGS.progress, use_shard_map=FLAGS.shard_map)
+        print(
+            f"{ds.name} from {ds.source}: {len(x_train)} train / {len(x_test)} test; {FLAGS.model} "
+            f"norm={FLAGS.norm}; {compressor.name}; {jax.device_count()} devices in "
+            f"{jax.process_count()} process(es)",
+            flush=True,
+        )
+    result = train.fit(
+        model,
+        compressor,
+        x_train,
+        ds.y_train,
+        steps=FLAGS.steps,
+        global_batch=FLAGS.batch_size,
+        optimizer=optax.sgd(FLAGS.learning_rate, momentum=0.9),
+        seed=FLAGS.seed,
+        progress=FLAGS.progress,
+        use_shard_map=FLAGS.shard_map,
+    )
     test = train.evaluate(model, result.state.params, result.state.batch_stats, x_test, ds.y_test)
     param_digest = float(sum(np.abs(np.asarray(x, np.float64)).sum() for x in jax.tree.leaves(result.state.params)))
     summary = {
-        "config": {k: getattr(FLAGS, k) for k in ("dataset", "model", "norm", "compressor", "steps", "batch_size",
-                                                   "learning_rate", "seed", "shard_map")},
-        "data_source": ds.source, "devices": jax.device_count(), "processes": jax.process_count(),
-        "test_accuracy": test["accuracy"], "test_loss": test["loss"], "wire_per_step": result.wire,
+        "config": {
+            k: getattr(FLAGS, k)
+            for k in (
+                "dataset",
+                "model",
+                "norm",
+                "compressor",
+                "steps",
+                "batch_size",
+                "learning_rate",
+                "seed",
+                "shard_map",
+            )
+        },
+        "data_source": ds.source,
+        "devices": jax.device_count(),
+        "processes": jax.process_count(),
+        "test_accuracy": test["accuracy"],
+        "test_loss": test["loss"],
+        "wire_per_step": result.wire,
         "compression_ratio": result.wire["uncompressed_words"] / result.wire["words"],
-        "train_seconds": result.seconds, "param_abs_sum": param_digest,
+        "train_seconds": result.seconds,
+        "param_abs_sum": param_digest,
     }
     if is_main:
         metrics_path = workdir / "train_metrics.jsonl"
@@ -90,12 +124,18 @@ def main(argv):
         results.write_json(workdir / "summary.json", summary)
     if FLAGS.checkpoint:
         ckpt = ocp.StandardCheckpointer()
-        ckpt.save(os.path.abspath(workdir / "checkpoint"), {"params": result.state.params,
-                                                           "batch_stats": result.state.batch_stats}, force=True)
+        ckpt.save(
+            os.path.abspath(workdir / "checkpoint"),
+            {"params": result.state.params, "batch_stats": result.state.batch_stats},
+            force=True,
+        )
         ckpt.wait_until_finished()
     if is_main:
-        print(f"test accuracy {test['accuracy']:.4f}  loss {test['loss']:.4f}  wire {result.wire['words']} words/step "
-              f"({summary['compression_ratio']:.1f}x less than uncompressed)  -> {workdir}", flush=True)
+        print(
+            f"test accuracy {test['accuracy']:.4f}  loss {test['loss']:.4f}  wire {result.wire['words']} words/step "
+            f"({summary['compression_ratio']:.1f}x less than uncompressed)  -> {workdir}",
+            flush=True,
+        )
     print(f"process {jax.process_index()} param_abs_sum {param_digest:.10e}", flush=True)
     return 0
 

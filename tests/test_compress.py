@@ -153,8 +153,11 @@ def test_topk_invariants_property(shape, ratio, seed):
 
 @settings(max_examples=25, deadline=None)
 @given(
-    n=st.integers(1, 40), m=st.integers(1, 40), extra=st.integers(1, 3),
-    rank=st.integers(1, 8), seed=st.integers(0, 1000),
+    n=st.integers(1, 40),
+    m=st.integers(1, 40),
+    extra=st.integers(1, 3),
+    rank=st.integers(1, 8),
+    seed=st.integers(0, 1000),
 )
 def test_powersgd_invariants_property(n, m, extra, rank, seed):
     shape = (extra, m, n)  # flax-style: output axis last -> matrix n x (extra*m)
@@ -200,16 +203,24 @@ def test_other_compressors_conserve_mass_and_count_words(spec):
 def test_qsgd_is_unbiased():
     g = {"a": jax.random.normal(jax.random.key(0), (200,))}
     c = compress.qsgd(levels=2, error_feedback=False)
-    est = np.mean([np.asarray(compress.decompress(c.reduce(g, c.init(g).replace(step=jnp.int32(i)), None)[2])["a"])
-                   for i in range(400)], axis=0)
+    est = np.mean(
+        [
+            np.asarray(compress.decompress(c.reduce(g, c.init(g).replace(step=jnp.int32(i)), None)[2])["a"])
+            for i in range(400)
+        ],
+        axis=0,
+    )
     assert np.abs(est - np.asarray(g["a"])).max() < 0.25 * np.abs(np.asarray(g["a"])).max()
 
 
-@pytest.mark.parametrize("shapes", [
-    [(3, 3, 64, 128), (128,), (3, 3, 128, 128), (512, 10), (10,)],
-    # Many tiny tensors: the at-least-one-entry floor must not push the total over.
-    [(3, 3, 3, 64), *[(64,)] * 40, (3, 3, 64, 64), (64, 10), (10,)],
-])
+@pytest.mark.parametrize(
+    "shapes",
+    [
+        [(3, 3, 64, 128), (128,), (3, 3, 128, 128), (512, 10), (10,)],
+        # Many tiny tensors: the at-least-one-entry floor must not push the total over.
+        [(3, 3, 3, 64), *[(64,)] * 40, (3, 3, 64, 64), (64, 10), (10,)],
+    ],
+)
 def test_topk_level_matches_powersgd_words(shapes):
     params = {f"p{i}": jnp.zeros(s) for i, s in enumerate(shapes)}
     for r in (1, 2, 4, 30, 50):
@@ -332,8 +343,10 @@ def test_powersgd_start_iter_sends_the_exact_mean_then_compresses():
                 for k in g:
                     np.testing.assert_array_equal(sent[k], g[k][w])  # the worker's full gradient
                 assert isinstance(mine["t2"], compress.DenseThenLowRank) and not mine["t2"].is_compressed()
-                assert all(isinstance(m, compress.Dense) for m in jax.tree.leaves(compress.as_sent(mine),
-                                                                                    is_leaf=compress.is_message))
+                assert all(
+                    isinstance(m, compress.Dense)
+                    for m in jax.tree.leaves(compress.as_sent(mine), is_leaf=compress.is_message)
+                )
                 assert not np.asarray(mine["t2"].low_rank.p).any()  # nothing of the unsent form is kept
                 assert compress.message_cost(mine).words == DENSE_WORDS
             # Error memory untouched (zero), warm-start Q untouched.
@@ -430,8 +443,13 @@ def test_start_iter_wire_accounting_counts_dense_steps():
 
 def test_pytorch_defaults_spec():
     d = compress.PYTORCH_POWERSGD_DEFAULTS
-    assert dict(d) == {"rank": 1, "start_iter": 1000, "min_compression_rate": 2, "warm_start": True,
-                       "error_feedback": True}
+    assert dict(d) == {
+        "rank": 1,
+        "start_iter": 1000,
+        "min_compression_rate": 2,
+        "warm_start": True,
+        "error_feedback": True,
+    }
     with pytest.raises(TypeError):
         d["rank"] = 2  # read-only
     params = jax.tree.map(lambda g: g[0], worker_grads(SHAPES))

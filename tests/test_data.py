@@ -6,8 +6,9 @@ import pytest
 from trustsgd_jax import data
 
 
-@pytest.mark.parametrize("name,shape,classes", [("mnist", (28, 28, 1), 10), ("cifar10", (32, 32, 3), 10),
-                                                 ("cifar100", (32, 32, 3), 100)])
+@pytest.mark.parametrize(
+    "name,shape,classes", [("mnist", (28, 28, 1), 10), ("cifar10", (32, 32, 3), 10), ("cifar100", (32, 32, 3), 100)]
+)
 def test_bundled_sample_is_real_stratified_data(name, shape, classes):
     ds = data.load(name, source="sample")
     assert ds.image_shape == shape and ds.x_train.dtype == np.uint8
@@ -19,8 +20,13 @@ def test_bundled_sample_is_real_stratified_data(name, shape, classes):
 
 def test_auto_prefers_a_data_dir(tmp_path, monkeypatch):
     src = data.load("mnist", source="sample")
-    np.savez(tmp_path / "mnist.npz", x_train=src.x_train[:100, ..., 0], y_train=src.y_train[:100].astype(np.uint8),
-             x_test=src.x_test[:10, ..., 0], y_test=src.y_test[:10].astype(np.uint8))
+    np.savez(
+        tmp_path / "mnist.npz",
+        x_train=src.x_train[:100, ..., 0],
+        y_train=src.y_train[:100].astype(np.uint8),
+        x_test=src.x_test[:10, ..., 0],
+        y_test=src.y_test[:10].astype(np.uint8),
+    )
     ds = data.load("mnist", data_dir=tmp_path)
     assert len(ds.x_train) == 100 and ds.source == str(tmp_path / "mnist.npz")
     monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path))
@@ -44,22 +50,40 @@ def test_unknown_missing_and_corrupt_inputs_get_clear_errors(tmp_path):
     np.savez(tmp_path / "cifar10.npz", x_train=np.zeros((2, 32, 32, 3), np.uint8))
     with pytest.raises(data.DataError, match="lacks arrays"):
         data.load("cifar10", data_dir=tmp_path)
-    np.savez(tmp_path / "cifar100.npz", x_train=np.zeros((2, 32, 32, 3), np.float32), y_train=np.zeros(2),
-             x_test=np.zeros((1, 32, 32, 3), np.uint8), y_test=np.zeros(1))
+    np.savez(
+        tmp_path / "cifar100.npz",
+        x_train=np.zeros((2, 32, 32, 3), np.float32),
+        y_train=np.zeros(2),
+        x_test=np.zeros((1, 32, 32, 3), np.uint8),
+        y_test=np.zeros(1),
+    )
     with pytest.raises(data.DataError, match="must be uint8"):
         data.load("cifar100", data_dir=tmp_path)
     # Train and test images of different shapes: refused at load, naming both arrays and their shapes.
-    np.savez(tmp_path / "cifar100.npz", x_train=np.zeros((2, 28, 28), np.uint8), y_train=np.zeros(2),
-             x_test=np.zeros((1, 32, 32, 3), np.uint8), y_test=np.zeros(1))
-    with pytest.raises(data.DataError, match=r"x_train images have shape \(28, 28, 1\) but x_test images "
-                                             r"\(32, 32, 3\).*re-export") as e:
+    np.savez(
+        tmp_path / "cifar100.npz",
+        x_train=np.zeros((2, 28, 28), np.uint8),
+        y_train=np.zeros(2),
+        x_test=np.zeros((1, 32, 32, 3), np.uint8),
+        y_test=np.zeros(1),
+    )
+    with pytest.raises(
+        data.DataError,
+        match=r"x_train images have shape \(28, 28, 1\) but x_test images "
+        r"\(32, 32, 3\).*re-export",
+    ) as e:
         data.load("cifar100", data_dir=tmp_path)
     assert "\n" not in str(e.value)  # one line
 
 
 def test_pickled_npz_is_refused(tmp_path):
-    np.savez(tmp_path / "mnist.npz", x_train=np.array([{"a": 1}], dtype=object), y_train=np.zeros(1),
-             x_test=np.zeros((1, 28, 28), np.uint8), y_test=np.zeros(1))
+    np.savez(
+        tmp_path / "mnist.npz",
+        x_train=np.array([{"a": 1}], dtype=object),
+        y_train=np.zeros(1),
+        x_test=np.zeros((1, 28, 28), np.uint8),
+        y_test=np.zeros(1),
+    )
     with pytest.raises(data.DataError, match="not a readable .npz"):
         data.load("mnist", data_dir=tmp_path)
 

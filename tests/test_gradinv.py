@@ -31,10 +31,24 @@ def ssim_by_setting(cifar):
     # Two real images, each attacked as its own victim batch.
     x, y = data.normalize(ds.x_train[[3, 140]], "cifar10"), ds.y_train[[3, 140]]
     out = {}
-    for spec, threat in [("none", "observed"), ("powersgd:1", "observed"), ("topk_level:1", "observed"),
-                         ("topk_level:1", "adaptive")]:
-        r = gradinv.audit(model, variables, x, y, compress.from_spec(spec, variables["params"]), dataset="cifar10",
-                          threat=threat, config=CFG, bn_statistics="eval", progress=False)
+    for spec, threat in [
+        ("none", "observed"),
+        ("powersgd:1", "observed"),
+        ("topk_level:1", "observed"),
+        ("topk_level:1", "adaptive"),
+    ]:
+        r = gradinv.audit(
+            model,
+            variables,
+            x,
+            y,
+            compress.from_spec(spec, variables["params"]),
+            dataset="cifar10",
+            threat=threat,
+            config=CFG,
+            bn_statistics="eval",
+            progress=False,
+        )
         assert np.isfinite(r.per_image["ssim"]).all()
         out[spec, threat] = r.summary["ssim"]["mean"]
     return out
@@ -49,8 +63,9 @@ def test_powersgd_rank1_leaks_clearly_less(ssim_by_setting):
 
 
 def test_adaptive_attacker_does_at_least_as_well_on_topk(ssim_by_setting):
-    assert ssim_by_setting["topk_level:1", "adaptive"] >= ssim_by_setting["topk_level:1", "observed"] - 0.01, \
+    assert ssim_by_setting["topk_level:1", "adaptive"] >= ssim_by_setting["topk_level:1", "observed"] - 0.01, (
         ssim_by_setting
+    )
 
 
 def test_factored_gradients_equal_plain_autodiff(cifar):
@@ -74,9 +89,12 @@ def test_factored_gradients_equal_plain_autodiff(cifar):
     # A target from other images; the linear weights make the tensor order matter.
     target = jax.tree.leaves(objectives.param_grads(model, variables, x[::-1] + 0.5, y))
     w = objectives.tensor_weights(len(target), "linear")
-    loss_plain = lambda z: objectives.cosine_distance(jax.tree.leaves(objectives.param_grads(model, variables, z, y)),
-                                                   target, w)
-    loss_factored = lambda z: objectives.cosine_distance(objectives.factored_param_grads(model, variables, z, y), target, w)
+    loss_plain = lambda z: objectives.cosine_distance(
+        jax.tree.leaves(objectives.param_grads(model, variables, z, y)), target, w
+    )
+    loss_factored = lambda z: objectives.cosine_distance(
+        objectives.factored_param_grads(model, variables, z, y), target, w
+    )
     np.testing.assert_allclose(jax.jit(loss_factored)(x), jax.jit(loss_plain)(x), rtol=1e-5)
     g_plain, g_factored = jax.jit(jax.grad(loss_plain))(x), jax.jit(jax.grad(loss_factored))(x)
     assert float(jnp.linalg.norm(g_factored - g_plain) / jnp.linalg.norm(g_plain)) < 1e-4
@@ -150,7 +168,7 @@ def test_idlg_infers_labels_untrained_and_trained():
     idx = np.arange(0, 4000, 400)  # one image of every class
     for variables in (untrained, trained):
         for i in idx:
-            msg = one_worker_message(eval_model, variables, x[i:i + 1], y[i:i + 1], compress.none())
+            msg = one_worker_message(eval_model, variables, x[i : i + 1], y[i : i + 1], compress.none())
             assert labels.infer_labels_idlg(msg, 10)[0] == y[i]
 
 
@@ -196,11 +214,26 @@ def test_attack_at_step_t_of_a_real_compressed_run():
     round_ = victim.make_round(model, c, workers=4, bn_statistics="train", batchnorm="local")
     later = round_(variables, x[ids][:, None], y[ids][:, None], states).message
     first = round_(variables, x[ids][:, None], y[ids][:, None]).message
-    assert not np.allclose(compress.decompress(later)["Conv_1"]["kernel"],
-                           compress.decompress(first)["Conv_1"]["kernel"])
-    r = gradinv.audit(model, variables, x[:1], y[:1], c, dataset="mnist", config=CFG._replace(iterations=50),
-                      workers=4, other_images=x[1:4][None, :, None], other_labels=y[1:4][None, :, None],
-                      bn_statistics="train", batchnorm="local", comp_state=states, step=5, progress=False)
+    assert not np.allclose(
+        compress.decompress(later)["Conv_1"]["kernel"], compress.decompress(first)["Conv_1"]["kernel"]
+    )
+    r = gradinv.audit(
+        model,
+        variables,
+        x[:1],
+        y[:1],
+        c,
+        dataset="mnist",
+        config=CFG._replace(iterations=50),
+        workers=4,
+        other_images=x[1:4][None, :, None],
+        other_labels=y[1:4][None, :, None],
+        bn_statistics="train",
+        batchnorm="local",
+        comp_state=states,
+        step=5,
+        progress=False,
+    )
     assert np.isfinite(r.per_image["ssim"]).all() and r.iterations == 50
     assert r.setting == dict(workers=4, batch=1, observer="worker", bn_statistics="train", batchnorm="local", step=5)
 

@@ -23,11 +23,19 @@ def _model():
 @pytest.fixture(scope="module")
 def overfit():
     x, y = _pool()
-    setup = shadows.train_target_and_shadows(x, y, model_fn=_model, compressor_spec="none", num_shadows=6,
-                                             steps=200, global_batch=64, seed=0)
-    report = mia.evaluate_membership(setup.target_predict, x, y, setup.is_member,
-                                     shadow_predicts=setup.shadow_predicts, shadow_in=setup.shadow_in,
-                                     augment="flip", bootstrap=50)
+    setup = shadows.train_target_and_shadows(
+        x, y, model_fn=_model, compressor_spec="none", num_shadows=6, steps=200, global_batch=64, seed=0
+    )
+    report = mia.evaluate_membership(
+        setup.target_predict,
+        x,
+        y,
+        setup.is_member,
+        shadow_predicts=setup.shadow_predicts,
+        shadow_in=setup.shadow_in,
+        augment="flip",
+        bootstrap=50,
+    )
     return setup, report
 
 
@@ -56,8 +64,9 @@ def test_model_that_never_saw_the_members_is_at_chance():
     predict = lambda v: train.predict_logits(model, r.state.params, r.state.batch_stats, v)
     half = rng.permutation(len(x)) < len(x) // 2
     shadow_in = np.stack([half, ~half])  # every example IN once and OUT once
-    report = mia.evaluate_membership(predict, x, y, is_member, shadow_predicts=[predict, predict],
-                                     shadow_in=shadow_in, bootstrap=20)
+    report = mia.evaluate_membership(
+        predict, x, y, is_member, shadow_predicts=[predict, predict], shadow_in=shadow_in, bootstrap=20
+    )
     for name, m in report.table.items():
         assert abs(m["auc"] - 0.5) < 0.05, (name, m["auc"])
 
@@ -81,8 +90,13 @@ def _reference_scores(row, label):
         p = [v.exp() for v in logp]
         mentr = -(1 - p[label]) * logp[label] - sum(p[i] * (1 - p[i]).ln() for i in range(len(z)) if i != label)
         phi = z[label] - sum(z[i].exp() for i in range(len(z)) if i != label).ln()
-        return {"confidence": max(logp), "loss": logp[label], "entropy": sum(a * b for a, b in zip(p, logp)),
-                "mentr": -mentr, "phi": phi}
+        return {
+            "confidence": max(logp),
+            "loss": logp[label],
+            "entropy": sum(a * b for a, b in zip(p, logp)),
+            "mentr": -mentr,
+            "phi": phi,
+        }
 
 
 def test_scores_of_confident_predictions_keep_their_order():

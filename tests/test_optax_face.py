@@ -1,4 +1,4 @@
-"""The optax face of the compressors (`compress.as_optax`): the README program, bit-identity with `reduce`, accessors."""
+"""The optax face of the compressors (`compress.as_optax`): the README program, identity with `reduce`, accessors."""
 
 import contextlib
 import io
@@ -26,7 +26,7 @@ def readme_program() -> str:
     text = README.read_text()
     start = text.index(SECTION)
     end = text.find("\n## ", start + len(SECTION))
-    block = re.search(r"```python\n(.*?)```", text[start:end if end >= 0 else None], re.DOTALL)
+    block = re.search(r"```python\n(.*?)```", text[start : end if end >= 0 else None], re.DOTALL)
     assert block, "the README section has no python block"
     return block.group(1)
 
@@ -139,8 +139,7 @@ def test_as_optax_under_shard_map_matches_pmap():
 def test_state_accessors_and_their_errors():
     c = compress.topk(ratio=0.5)
     params = {"w": jnp.ones((4, 3))}
-    tx = optax.chain(optax.clip_by_global_norm(1.0),
-                     optax.chain(compress.as_optax(c, axis_name=None), optax.sgd(0.1)))
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.chain(compress.as_optax(c, axis_name=None), optax.sgd(0.1)))
     opt_state = tx.init(params)
     # Before any update: a zero message with the structure every update returns.
     before = compress.last_message(opt_state)

@@ -19,9 +19,22 @@ ENV = dict(os.environ, PYTHONPATH=ROOT)
 
 
 def reproduce(workdir, *extra, timeout=600):
-    return subprocess.run([sys.executable, "-m", "experiments.reproduce", "--preset=tiny", f"--workdir={workdir}",
-                           "--progress=false", *extra], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.reproduce",
+            "--preset=tiny",
+            f"--workdir={workdir}",
+            "--progress=false",
+            *extra,
+        ],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def lines(path):
@@ -38,8 +51,17 @@ def full_run(tmp_path_factory):
 
 def test_tiny_run_writes_every_report_and_tables_parse_back(full_run):
     workdir, stdout = full_run
-    for name in ("results.jsonl", "table1.md", "table1.csv", "figure1.png", "ssim_vs_compression.png", "table2.md",
-                 "utility.md", "report.md", "roc.png"):
+    for name in (
+        "results.jsonl",
+        "table1.md",
+        "table1.csv",
+        "figure1.png",
+        "ssim_vs_compression.png",
+        "table2.md",
+        "utility.md",
+        "report.md",
+        "roc.png",
+    ):
         assert (workdir / name).stat().st_size > 0, name
     recs = results.read_records(workdir / "results.jsonl").records
     gradinv = [r for r in recs if r["kind"] == "gradinv"]
@@ -61,8 +83,15 @@ def test_tiny_run_writes_every_report_and_tables_parse_back(full_run):
 
 
 def test_attack_at_step_t_trains_each_victim_once(tmp_path):
-    out = reproduce(tmp_path, "--attack_step=2", "--compressors=powersgd:1", "--threat_models=observed,adaptive",
-                    "--images=2", "--group=1", "--mia=false")
+    out = reproduce(
+        tmp_path,
+        "--attack_step=2",
+        "--compressors=powersgd:1",
+        "--threat_models=observed,adaptive",
+        "--images=2",
+        "--group=1",
+        "--mia=false",
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     # Four units (two threat models x two image groups) attack the same trained victim.
     assert out.stdout.count("trained the victim for mnist powersgd:1 to step 2") == 1, out.stdout
@@ -96,15 +125,22 @@ def test_rerun_with_another_group_attacks_every_image_exactly_once(tmp_path):
 
 def test_rerun_with_another_training_batch_is_refused(tmp_path):
     """At --attack_step > 0 the training batch decides the victim: a second victim in one workdir is refused."""
-    common = ["--mia=false", "--compressors=powersgd:1", "--threat_models=observed", "--iterations=3",
-              "--attack_step=1", "--images=1"]
+    common = [
+        "--mia=false",
+        "--compressors=powersgd:1",
+        "--threat_models=observed",
+        "--iterations=3",
+        "--attack_step=1",
+        "--images=1",
+    ]
     first = reproduce(tmp_path, *common, "--batch_size=32")
     assert first.returncode == 0, first.stdout + first.stderr
     before = (tmp_path / "results.jsonl").read_text()
     assert len((tmp_path / "victims").iterdir().__next__().name) == 16  # the checkpointed victim
     again = reproduce(tmp_path, *common, "--batch_size=16")
-    assert again.returncode == 2 and "train_batch=32" in again.stderr and "another --workdir" in again.stderr, \
+    assert again.returncode == 2 and "train_batch=32" in again.stderr and "another --workdir" in again.stderr, (
         again.stderr[-2000:]
+    )
     assert (tmp_path / "results.jsonl").read_text() == before
     resumed = reproduce(tmp_path, *common, "--batch_size=32", "--images=2")
     assert resumed.returncode == 0 and "trained the victim" not in resumed.stdout, resumed.stdout  # from orbax
@@ -114,9 +150,13 @@ def test_rerun_with_another_training_batch_is_refused(tmp_path):
 
 def test_killed_run_resumes_to_the_same_results(full_run, tmp_path):
     workdir, _ = full_run
-    proc = subprocess.Popen([sys.executable, "-m", "experiments.reproduce", "--preset=tiny",
-                             f"--workdir={tmp_path}", "--progress=false"], cwd=ROOT, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "experiments.reproduce", "--preset=tiny", f"--workdir={tmp_path}", "--progress=false"],
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     path = tmp_path / "results.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and not (path.exists() and len(lines(path)) >= 2):
@@ -166,17 +206,20 @@ def test_corrupt_middle_line_raises(tmp_path):
         results.read_records(tmp_path / "results.jsonl")
 
 
-@pytest.mark.parametrize("flag,message", [
-    ("--compressors=none,powerful:2", "unknown compressor spec"),
-    ("--compressors=powersgd:200", "compresses no tensor"),
-    ("--datasets=svhn", "unknown dataset 'svhn'"),
-    ("--threat_models=oracle", "unknown threat model"),
-    ("--workers=9", "needs 9 local devices"),
-    ("--start_iter=-1", "--start_iter must be >= 0"),
-    ("--bn_statistics=frozen", "unknown --bn_statistics 'frozen'"),
-    ("--observers=server", "unknown observer 'server'"),
-    ("--workers=8 --victim_batch=600 --images=600", "exceeds the 4000 training images"),
-])
+@pytest.mark.parametrize(
+    "flag,message",
+    [
+        ("--compressors=none,powerful:2", "unknown compressor spec"),
+        ("--compressors=powersgd:200", "compresses no tensor"),
+        ("--datasets=svhn", "unknown dataset 'svhn'"),
+        ("--threat_models=oracle", "unknown threat model"),
+        ("--workers=9", "needs 9 local devices"),
+        ("--start_iter=-1", "--start_iter must be >= 0"),
+        ("--bn_statistics=frozen", "unknown --bn_statistics 'frozen'"),
+        ("--observers=server", "unknown observer 'server'"),
+        ("--workers=8 --victim_batch=600 --images=600", "exceeds the 4000 training images"),
+    ],
+)
 def test_bad_flags_fail_before_any_work(tmp_path, flag, message):
     out = reproduce(tmp_path, *flag.split())
     assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
@@ -198,4 +241,8 @@ def test_append_record_keeps_json_standard(tmp_path):
 
 def test_markdown_table_lines():
     assert results.markdown_table(["a", "b"], [[1, ""], ["x", 2.5]]) == [
-        "| a | b |", "|---|---|", "| 1 |  |", "| x | 2.5 |"]
+        "| a | b |",
+        "|---|---|",
+        "| 1 |  |",
+        "| x | 2.5 |",
+    ]

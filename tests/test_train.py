@@ -28,10 +28,12 @@ def mnist():
 def _one_step_grads(model_dp, model_single, images, labels):
     """Per-worker averaged gradient from 8 pmapped workers with `none`, and the single-device full-batch one."""
     state = train.init_state(model_dp, optax.sgd(0.0), compress.none(), images.shape[1:], 0)
+
     def step(st, x, y):
         def loss_fn(p):
-            logits, upd = model_dp.apply({"params": p, "batch_stats": st.batch_stats}, x, train=True,
-                                         mutable=["batch_stats", "wire"])
+            logits, upd = model_dp.apply(
+                {"params": p, "batch_stats": st.batch_stats}, x, train=True, mutable=["batch_stats", "wire"]
+            )
             return train.cross_entropy(logits, y).mean()
 
         g = jax.grad(loss_fn)(st.params)
@@ -42,8 +44,9 @@ def _one_step_grads(model_dp, model_single, images, labels):
     avg = jax.pmap(step, axis_name=train.AXIS)(train.replicate(state, 8), xs, ys)
 
     def full_loss(p):
-        logits, _ = model_single.apply({"params": p, "batch_stats": state.batch_stats}, images, train=True,
-                                       mutable=["batch_stats", "wire"])
+        logits, _ = model_single.apply(
+            {"params": p, "batch_stats": state.batch_stats}, images, train=True, mutable=["batch_stats", "wire"]
+        )
         return train.cross_entropy(logits, labels).mean()
 
     return avg, jax.grad(full_loss)(state.params)
@@ -86,8 +89,13 @@ def test_sync_batchnorm_is_counted_and_visible_on_the_wire(mnist):
     assert local_mean.shape == (8, 32)  # one local statistic per worker and channel
     assert not np.allclose(local_mean[0], local_mean[1])  # each worker's own batch
     # What worker 3 contributes is the statistic of its own shard of the batch.
-    first_conv = model.apply({"params": state.params, "batch_stats": state.batch_stats}, jnp.asarray(xs[3]),
-                             train=False, capture_intermediates=True, mutable=["intermediates"])[1]
+    first_conv = model.apply(
+        {"params": state.params, "batch_stats": state.batch_stats},
+        jnp.asarray(xs[3]),
+        train=False,
+        capture_intermediates=True,
+        mutable=["intermediates"],
+    )[1]
     conv_out = first_conv["intermediates"]["Conv_0"]["__call__"][0]
     np.testing.assert_allclose(local_mean[3], np.asarray(conv_out).mean((0, 1, 2)), rtol=1e-4, atol=1e-5)
 
@@ -104,7 +112,7 @@ def test_shard_map_step_equals_pmap_step(mnist):
         run_p = jax.pmap(step, axis_name=train.AXIS)
         run_s = train.shard_map_step(step, Mesh(np.array(jax.devices()), (train.AXIS,)))
         for i in range(3):
-            xs, ys = train.shard_batch(x[64 * i:64 * (i + 1)], ds.y_train[64 * i:64 * (i + 1)], 8)
+            xs, ys = train.shard_batch(x[64 * i : 64 * (i + 1)], ds.y_train[64 * i : 64 * (i + 1)], 8)
             s_p, m_p = run_p(s_p, xs, ys)
             s_s, m_s = run_s(s_s, xs, ys)
         for a, b in zip(jax.tree.leaves(s_p.params), jax.tree.leaves(s_s.params)):
@@ -117,8 +125,9 @@ def test_compressed_training_reaches_uncompressed_accuracy_on_real_mnist(mnist):
     for spec in ("none", "powersgd:2", "topk_level:2"):
         model = models.make_model("convnet", 10, norm="batch", axis_name=train.AXIS)
         params = models.init_variables(model, jax.random.key(0), x.shape[1:])["params"]
-        r = train.fit(model, compress.from_spec(spec, params), x, ds.y_train, steps=150, global_batch=64,
-                      seed=0, progress=False)
+        r = train.fit(
+            model, compress.from_spec(spec, params), x, ds.y_train, steps=150, global_batch=64, seed=0, progress=False
+        )
         acc[spec] = train.evaluate(model, r.state.params, r.state.batch_stats, xt, ds.y_test)["accuracy"]
         if spec != "none":
             assert r.wire["grad_words"] < 0.15 * r.wire["uncompressed_words"]
@@ -135,8 +144,9 @@ def test_bad_batch_and_nonfinite_data_raise(mnist):
     bad = x[:256].copy()
     bad[:] = np.nan
     with pytest.raises(FloatingPointError, match="NaN/Inf"):
-        train.fit(model, compress.powersgd(2), bad, ds.y_train[:256], steps=2, global_batch=64, progress=False,
-                  log_every=1)
+        train.fit(
+            model, compress.powersgd(2), bad, ds.y_train[:256], steps=2, global_batch=64, progress=False, log_every=1
+        )
 
 
 def _free_port():
@@ -148,11 +158,30 @@ def _free_port():
 def test_two_processes_apply_identical_updates(tmp_path):
     port = _free_port()
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", PYTHONPATH=ROOT)
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "experiments.train", "--steps=15", "--batch_size=32", "--compressor=powersgd:2",
-         f"--workdir={tmp_path / str(i)}", "--checkpoint=false", "--progress=false",
-         f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "experiments.train",
+                "--steps=15",
+                "--batch_size=32",
+                "--compressor=powersgd:2",
+                f"--workdir={tmp_path / str(i)}",
+                "--checkpoint=false",
+                "--progress=false",
+                f"--coordinator_address=127.0.0.1:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     sums = [re.search(r"process \d param_abs_sum (\S+)", o).group(1) for o in outs]
@@ -174,13 +203,16 @@ def test_fit_many_trains_the_same_models_as_sequential_fits(mnist):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
 
 
-@pytest.mark.parametrize("h,cin,cout,k,stride,padding", [
-    (8, 3, 16, 3, 1, ((1, 1), (1, 1))),  # the ResNet stem / 3x3 convs
-    (8, 16, 32, 3, 2, ((1, 1), (1, 1))),  # strided 3x3
-    (8, 16, 32, 1, 2, ((0, 0), (0, 0))),  # 1x1 shortcut
-    (9, 4, 5, 3, 2, "SAME"),
-    (7, 4, 5, 3, 1, "VALID"),
-])
+@pytest.mark.parametrize(
+    "h,cin,cout,k,stride,padding",
+    [
+        (8, 3, 16, 3, 1, ((1, 1), (1, 1))),  # the ResNet stem / 3x3 convs
+        (8, 16, 32, 3, 2, ((1, 1), (1, 1))),  # strided 3x3
+        (8, 16, 32, 1, 2, ((0, 0), (0, 0))),  # 1x1 shortcut
+        (9, 4, 5, 3, 2, "SAME"),
+        (7, 4, 5, 3, 1, "VALID"),
+    ],
+)
 def test_patches_conv_equals_native_conv_to_second_order(h, cin, cout, k, stride, padding):
     x = jax.random.normal(jax.random.key(0), (2, h, h, cin))
     kw = dict(features=cout, kernel_size=(k, k), strides=stride, padding=padding, use_bias=True)
@@ -193,8 +225,10 @@ def test_patches_conv_equals_native_conv_to_second_order(h, cin, cout, k, stride
 
         # The attack differentiates the weight gradient w.r.t. the input: compare that mixed second derivative.
         def weight_grad_norm(layer):
-            return lambda x: sum(jnp.sum(g ** 2) for g in jax.tree.leaves(
-                jax.grad(lambda p: jnp.sum(jnp.sin(layer.apply(p, x))))(params)))
+            return lambda x: sum(
+                jnp.sum(g**2) for g in jax.tree.leaves(jax.grad(lambda p: jnp.sum(jnp.sin(layer.apply(p, x))))(params))
+            )
 
-        np.testing.assert_allclose(jax.grad(weight_grad_norm(patches))(x), jax.grad(weight_grad_norm(native))(x),
-                                   rtol=1e-4, atol=1e-2)
+        np.testing.assert_allclose(
+            jax.grad(weight_grad_norm(patches))(x), jax.grad(weight_grad_norm(native))(x), rtol=1e-4, atol=1e-2
+        )

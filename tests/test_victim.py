@@ -24,8 +24,11 @@ def trainer_messages(model, compressor, x, y, workers, batchnorm):
     dp = victim.data_parallel_model(model, batchnorm)
     opt = optax.sgd(0.1, momentum=0.9)
     state = train.replicate(train.init_state(dp, opt, compressor, x.shape[2:], 0), workers)
-    step = jax.pmap(train.make_step(dp, opt, compressor, return_message=True), axis_name=train.AXIS,
-                    devices=jax.local_devices()[:workers])
+    step = jax.pmap(
+        train.make_step(dp, opt, compressor, return_message=True),
+        axis_name=train.AXIS,
+        devices=jax.local_devices()[:workers],
+    )
     return step(state, x, y)[2]
 
 
@@ -33,14 +36,15 @@ def trainer_messages(model, compressor, x, y, workers, batchnorm):
 @pytest.mark.parametrize("spec", ["none", "powersgd:1", "topk:0.05"])
 def test_worker_observer_sees_exactly_what_the_trainer_sends(mnist, workers, spec):
     x, y = mnist
-    xs, ys = x[:2 * workers].reshape(workers, 2, 28, 28, 1), y[:2 * workers].reshape(workers, 2)
+    xs, ys = x[: 2 * workers].reshape(workers, 2, 28, 28, 1), y[: 2 * workers].reshape(workers, 2)
     model = tiny_model()
     variables = models.init_variables(model, jax.random.key(0), (28, 28, 1))
     c = compress.from_spec(spec, variables["params"])
     seen = victim.make_round(model, c, workers=workers, bn_statistics="train", batchnorm="sync")(variables, xs, ys)
     sent = trainer_messages(model, c, xs, ys, workers, "sync")
-    for a, b in zip(jax.tree.leaves(seen.message), jax.tree.leaves(compress.worker_message(sent["grads"], 0)),
-                    strict=True):
+    for a, b in zip(
+        jax.tree.leaves(seen.message), jax.tree.leaves(compress.worker_message(sent["grads"], 0)), strict=True
+    ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # Synchronised BatchNorm in train mode: worker 0's local statistics travel too.
     assert set(seen.bn["norm0"]) == {"bn_mean", "bn_mean_sq"}
@@ -57,9 +61,15 @@ def test_powersgd_p_hat_comes_from_all_workers(mnist):
     xs, ys = x[:4].reshape(4, 1, 28, 28, 1), y[:4].reshape(4, 1)
     four = victim.make_round(model, c, workers=4, bn_statistics="eval")(variables, xs, ys).message
     alone = victim.make_round(model, c, workers=1, bn_statistics="eval")(variables, xs[:1], ys[:1]).message
-    low_rank = [(f, a) for f, a in zip(jax.tree.leaves(four, is_leaf=compress.is_message),
-                                       jax.tree.leaves(alone, is_leaf=compress.is_message), strict=True)
-                if isinstance(f, compress.LowRank)]
+    low_rank = [
+        (f, a)
+        for f, a in zip(
+            jax.tree.leaves(four, is_leaf=compress.is_message),
+            jax.tree.leaves(alone, is_leaf=compress.is_message),
+            strict=True,
+        )
+        if isinstance(f, compress.LowRank)
+    ]
     assert low_rank
     for f, a in low_rank:
         np.testing.assert_allclose(f.p, a.p, rtol=1e-5, atol=1e-7)  # the victim's own P_0 = M_0 Q is the same
@@ -74,8 +84,9 @@ def test_aggregate_observer_sees_the_averaged_update(mnist):
     variables = models.init_variables(model, jax.random.key(0), (28, 28, 1))
     xs, ys = x[:4].reshape(4, 1, 28, 28, 1), y[:4].reshape(4, 1)
     c = compress.none()
-    agg = victim.make_round(model, c, workers=4, observer="aggregate", bn_statistics="train",
-                            batchnorm="local")(variables, xs, ys)
+    agg = victim.make_round(model, c, workers=4, observer="aggregate", bn_statistics="train", batchnorm="local")(
+        variables, xs, ys
+    )
     sent = trainer_messages(model, c, xs, ys, 4, "local")["grads"]
     mean = jax.tree.map(lambda g: np.asarray(g).mean(0), compress.decompress(sent))
     for a, b in zip(jax.tree.leaves(compress.decompress(agg.message)), jax.tree.leaves(mean), strict=True):
@@ -95,8 +106,9 @@ def test_eval_mode_and_local_batchnorm_send_no_statistics(mnist):
         assert jax.tree.leaves(seen.bn) == []
     train_msg = victim.make_round(model, compress.none(), workers=2, bn_statistics="train")(variables, xs, ys).message
     eval_msg = victim.make_round(model, compress.none(), workers=2, bn_statistics="eval")(variables, xs, ys).message
-    assert not np.allclose(compress.decompress(train_msg)["Conv_0"]["kernel"],
-                           compress.decompress(eval_msg)["Conv_0"]["kernel"])
+    assert not np.allclose(
+        compress.decompress(train_msg)["Conv_0"]["kernel"], compress.decompress(eval_msg)["Conv_0"]["kernel"]
+    )
 
 
 def test_no_batchnorm_models_are_attacked_in_both_modes(mnist):
@@ -105,13 +117,25 @@ def test_no_batchnorm_models_are_attacked_in_both_modes(mnist):
     for norm in ("group", "none"):
         model = tiny_model(norm)
         variables = models.init_variables(model, jax.random.key(0), (28, 28, 1))
-        msgs = [victim.make_round(model, compress.none(), workers=1, bn_statistics=bn)(variables, x[None, :1],
-                                                                                       y[None, :1]).message
-                for bn in ("train", "eval")]
+        msgs = [
+            victim.make_round(model, compress.none(), workers=1, bn_statistics=bn)(
+                variables, x[None, :1], y[None, :1]
+            ).message
+            for bn in ("train", "eval")
+        ]
         for a, b in zip(jax.tree.leaves(msgs[0]), jax.tree.leaves(msgs[1]), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
-        r = gradinv.audit(model, variables, x[:1], y[:1], compress.none(), dataset="mnist", bn_statistics="train",
-                          config=gradinv.AttackConfig(iterations=20, chunk=10), progress=False)
+        r = gradinv.audit(
+            model,
+            variables,
+            x[:1],
+            y[:1],
+            compress.none(),
+            dataset="mnist",
+            bn_statistics="train",
+            config=gradinv.AttackConfig(iterations=20, chunk=10),
+            progress=False,
+        )
         assert np.isfinite(r.per_image["ssim"]).all()
 
 
@@ -133,8 +157,10 @@ def test_bad_round_settings_fail_with_one_line(mnist):
         (lambda: victim.make_round(model, c, workers=2, bn_statistics="frozen"), "unknown BatchNorm mode"),
         (lambda: victim.make_round(model, c, workers=2, batchnorm="ghost"), "unknown BatchNorm synchronisation"),
         (lambda: victim.other_worker_ids(np.array([0, 1]), 7, 4, 0), "need 8 training images"),
-        (lambda: gradinv.audit(model, variables, x[:1], y[:1], c, dataset="mnist", workers=2, progress=False),
-         "needs the other workers' batches"),
+        (
+            lambda: gradinv.audit(model, variables, x[:1], y[:1], c, dataset="mnist", workers=2, progress=False),
+            "needs the other workers' batches",
+        ),
         (lambda: compress.powersgd(1, start_iter=-1), "start_iter"),
     ]
     for call, message in cases:

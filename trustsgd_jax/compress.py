@@ -190,17 +190,23 @@ class DenseThenLowRank:
         """
         if _is_abstract(self.compressed):
             if step is None:
-                raise ValueError("this DenseThenLowRank message is abstract (traced or from eval_shape), so which form "
-                                 "it sent is unknown: pass step= (e.g. message_cost(msg, step=s)).")
+                raise ValueError(
+                    "this DenseThenLowRank message is abstract (traced or from eval_shape), so which form "
+                    "it sent is unknown: pass step= (e.g. message_cost(msg, step=s))."
+                )
             return step >= self.start_iter
         value = np.asarray(self.compressed)
         if value.shape != ():
-            raise ValueError(f"this message is stacked over {value.shape} workers: select one first with "
-                             "compress.worker_message(msg, w).")
+            raise ValueError(
+                f"this message is stacked over {value.shape} workers: select one first with "
+                "compress.worker_message(msg, w)."
+            )
         flag = bool(value)
         if step is not None and flag != (step >= self.start_iter):
-            raise ValueError(f"step={step} contradicts the message: it was sent "
-                             f"{'compressed' if flag else 'dense'} and start_iter is {self.start_iter}.")
+            raise ValueError(
+                f"step={step} contradicts the message: it was sent "
+                f"{'compressed' if flag else 'dense'} and start_iter is {self.start_iter}."
+            )
         return flag
 
     def dense(self):
@@ -231,6 +237,7 @@ def as_sent(msg: PyTree) -> PyTree:
     code that dispatches on message types sees only the basic types. Needs a
     concrete single-worker message (`worker_message` first for pmap output).
     """
+
     def pick(m):
         if isinstance(m, DenseThenLowRank):
             return m.low_rank if m.is_compressed() else m.full
@@ -370,7 +377,7 @@ def _psum_many(arrays: list, axis_name) -> list:
     flat = _psum(jnp.concatenate([a.reshape(-1) for a in arrays]), axis_name)
     out, offset = [], 0
     for a in arrays:
-        out.append(flat[offset:offset + a.size].reshape(a.shape))
+        out.append(flat[offset : offset + a.size].reshape(a.shape))
         offset += a.size
     return out
 
@@ -438,7 +445,7 @@ def _k_tree(name, ratio, k, shapes):
     ks = list(k) if isinstance(k, (list, tuple)) else [k] * len(sizes)
     if len(ks) != len(sizes):
         raise ValueError(f"{name}: k has {len(ks)} entries for {len(sizes)} tensors.")
-    for kk, n in zip(ks, sizes):
+    for kk in ks:
         if not isinstance(kk, (int, np.integer)) or kk < 1:
             raise ValueError(f"{name}: k must be a positive integer per tensor, got {kk!r}.")
     return [min(int(kk), n) for kk, n in zip(ks, sizes)]
@@ -477,7 +484,7 @@ def _sparse_core(name, ratio, k, select, indices_on_wire: bool):
         n = all_vals.shape[0]
         avg, offset = [], 0
         for p, kk in zip(ps, ks):
-            v, ix = all_vals[:, offset:offset + kk].reshape(-1), all_idx[:, offset:offset + kk].reshape(-1)
+            v, ix = all_vals[:, offset : offset + kk].reshape(-1), all_idx[:, offset : offset + kk].reshape(-1)
             avg.append((jnp.zeros((p.size,), p.dtype).at[ix].add(v) / n).reshape(p.shape))
             offset += kk
         msg = [Sparse(v, ix, tuple(p.shape), indices_on_wire) for v, ix, p in zip(values, indices, ps)]
@@ -502,12 +509,17 @@ def topk(ratio: float | None = None, k: int | list[int] | None = None, error_fee
         return jax.lax.top_k(jnp.abs(flat), kk)[1]
 
     name = f"topk:{ratio}" if ratio is not None else "topk"
-    return Compressor(name, lambda p: _new_state(p, memory=error_feedback),
-                      _guarded(name, _sparse_core("topk", ratio, k, select, indices_on_wire=True)), decompress)
+    return Compressor(
+        name,
+        lambda p: _new_state(p, memory=error_feedback),
+        _guarded(name, _sparse_core("topk", ratio, k, select, indices_on_wire=True)),
+        decompress,
+    )
 
 
-def randomk(ratio: float | None = None, k: int | list[int] | None = None, error_feedback: bool = True,
-            seed: int = 0) -> Compressor:
+def randomk(
+    ratio: float | None = None, k: int | list[int] | None = None, error_feedback: bool = True, seed: int = 0
+) -> Compressor:
     """Random-K sparsification with error feedback (Stich et al. 2018).
 
     All workers draw the same k coordinates per tensor from (seed, step,
@@ -520,8 +532,12 @@ def randomk(ratio: float | None = None, k: int | list[int] | None = None, error_
         return jax.lax.top_k(jax.random.uniform(key, flat.shape), kk)[1]
 
     name = f"randomk:{ratio}" if ratio is not None else "randomk"
-    return Compressor(name, lambda p: _new_state(p, memory=error_feedback),
-                      _guarded(name, _sparse_core("randomk", ratio, k, select, indices_on_wire=False)), decompress)
+    return Compressor(
+        name,
+        lambda p: _new_state(p, memory=error_feedback),
+        _guarded(name, _sparse_core("randomk", ratio, k, select, indices_on_wire=False)),
+        decompress,
+    )
 
 
 # --------------------------------------------------------------------------
@@ -632,8 +648,14 @@ def powersgd_plan(shapes, rank: int, min_compression_rate: float = 2) -> list[in
     return plan
 
 
-def powersgd(rank: int = 4, error_feedback: bool = True, warm_start: bool = True,
-             min_compression_rate: float = 2, seed: int = 0, start_iter: int = 0) -> Compressor:
+def powersgd(
+    rank: int = 4,
+    error_feedback: bool = True,
+    warm_start: bool = True,
+    min_compression_rate: float = 2,
+    seed: int = 0,
+    start_iter: int = 0,
+) -> Compressor:
     """PowerSGD (Vogels, Karimireddy, Jaggi, NeurIPS 2019, Algorithm 1), PyTorch-hook semantics.
 
     Per tensor with matrix view M_w (n x m) on worker w (`matrix_shape`), with
@@ -672,8 +694,10 @@ def powersgd(rank: int = 4, error_feedback: bool = True, warm_start: bool = True
     if min_compression_rate <= 0:
         raise ValueError(f"powersgd: min_compression_rate must be > 0, got {min_compression_rate!r}.")
     if isinstance(start_iter, bool) or not isinstance(start_iter, (int, np.integer)) or start_iter < 0:
-        raise ValueError(f"powersgd: start_iter must be an integer >= 0 (the number of uncompressed warm-up steps; "
-                         f"0 compresses from the first step), got {start_iter!r}.")
+        raise ValueError(
+            f"powersgd: start_iter must be an integer >= 0 (the number of uncompressed warm-up steps; "
+            f"0 compresses from the first step), got {start_iter!r}."
+        )
     start_iter = int(start_iter)
 
     def initial_q(shape, r, i, step):
@@ -733,8 +757,13 @@ def powersgd(rank: int = 4, error_feedback: bool = True, warm_start: bool = True
             if r:
                 rows, cols = matrix_shape(g.shape)
                 dtype = jnp.result_type(g.dtype, jnp.float32)
-                zero = LowRank(jnp.zeros((rows, r), dtype), jnp.zeros((cols, r), dtype), jnp.zeros((rows, r), dtype),
-                               jnp.zeros((cols, r), jnp.float32), tuple(g.shape))
+                zero = LowRank(
+                    jnp.zeros((rows, r), dtype),
+                    jnp.zeros((cols, r), dtype),
+                    jnp.zeros((rows, r), dtype),
+                    jnp.zeros((cols, r), jnp.float32),
+                    tuple(g.shape),
+                )
                 msg.append(DenseThenLowRank(Dense(g), zero, jnp.asarray(False), start_iter))
             else:
                 msg.append(Dense(g))
@@ -742,8 +771,12 @@ def powersgd(rank: int = 4, error_feedback: bool = True, warm_start: bool = True
 
     def phased_compressed_round(grads, state, axis_name):
         avg, memory, extra, msg = compressed_round(grads, state, axis_name)
-        msg = [DenseThenLowRank(Dense(jnp.zeros_like(g)), m, jnp.asarray(True), start_iter)
-               if isinstance(m, LowRank) else m for m, g in zip(msg, jax.tree.leaves(grads))]
+        msg = [
+            DenseThenLowRank(Dense(jnp.zeros_like(g)), m, jnp.asarray(True), start_iter)
+            if isinstance(m, LowRank)
+            else m
+            for m, g in zip(msg, jax.tree.leaves(grads))
+        ]
         return avg, memory, extra, msg
 
     def core(grads, state, axis_name):
@@ -759,16 +792,18 @@ def powersgd(rank: int = 4, error_feedback: bool = True, warm_start: bool = True
                 avg, *per_worker = round_fn(grads, state, axis_name)
                 return avg, *_make_varying(tuple(per_worker), axes)
 
-            avg, memory, extra, msg = jax.lax.cond(state.step < start_iter, lambda: phase(warmup_round),
-                                                   lambda: phase(phased_compressed_round))
+            avg, memory, extra, msg = jax.lax.cond(
+                state.step < start_iter, lambda: phase(warmup_round), lambda: phase(phased_compressed_round)
+            )
         return avg, state.replace(memory=memory, extra=extra), treedef.unflatten(msg)
 
     name = f"powersgd:{rank}" if start_iter == 0 else f"powersgd:{rank}:start_iter={start_iter}"
     return Compressor(name, init, _guarded(name, core), decompress)
 
 
-PYTORCH_POWERSGD_DEFAULTS = types.MappingProxyType({
-    "rank": 1, "start_iter": 1000, "min_compression_rate": 2, "warm_start": True, "error_feedback": True})
+PYTORCH_POWERSGD_DEFAULTS = types.MappingProxyType(
+    {"rank": 1, "start_iter": 1000, "min_compression_rate": 2, "warm_start": True, "error_feedback": True}
+)
 """The defaults of PyTorch's ``PowerSGDState`` as `powersgd` arguments.
 
 ``matrix_approximation_rank=1, start_powerSGD_iter=1_000, min_compression_rate=2,
@@ -837,8 +872,10 @@ def topk_level(params: PyTree, rank: int, error_feedback: bool = True, min_compr
     return c._replace(name=f"topk_level:{rank}")
 
 
-SPEC_HELP = ("none | powersgd:RANK | topk:RATIO | topk_level:RANK | randomk:RATIO | qsgd:LEVELS | signsgd "
-             "(e.g. 'powersgd:4', 'topk:0.01', 'topk_level:4')")
+SPEC_HELP = (
+    "none | powersgd:RANK | topk:RATIO | topk_level:RANK | randomk:RATIO | qsgd:LEVELS | signsgd "
+    "(e.g. 'powersgd:4', 'topk:0.01', 'topk_level:4')"
+)
 
 
 def from_spec(spec: str, params: PyTree | None = None, seed: int = 0, start_iter: int = 0) -> Compressor:
@@ -864,8 +901,10 @@ def from_spec(spec: str, params: PyTree | None = None, seed: int = 0, start_iter
     if kind == "powersgd":
         return powersgd(rank=number(int), seed=seed, start_iter=start_iter)
     if start_iter != 0:
-        raise ValueError(f"start_iter={start_iter!r} applies to powersgd specs only (PyTorch's start_powerSGD_iter); "
-                         f"{spec!r} has no dense warm-up: pass start_iter=0.")
+        raise ValueError(
+            f"start_iter={start_iter!r} applies to powersgd specs only (PyTorch's start_powerSGD_iter); "
+            f"{spec!r} has no dense warm-up: pass start_iter=0."
+        )
     if kind in ("none", "sgd") and arg is None:
         return none()
     if kind == "signsgd" and arg is None:
@@ -898,8 +937,10 @@ def wire_cost(c: Compressor, params: PyTree, step: int | None = None) -> WireCos
     """
     msg = _abstract_message(c, params)
     if step is None and any(isinstance(m, DenseThenLowRank) for m in jax.tree.leaves(msg, is_leaf=is_message)):
-        raise ValueError(f"wire_cost: {c.name} sends dense messages for its first steps, so the cost depends on the "
-                         "step: pass step= (wire_cost(c, params, step=s)) or use training_words(c, params, steps).")
+        raise ValueError(
+            f"wire_cost: {c.name} sends dense messages for its first steps, so the cost depends on the "
+            "step: pass step= (wire_cost(c, params, step=s)) or use training_words(c, params, steps)."
+        )
     return message_cost(msg, step=step)
 
 
@@ -935,8 +976,9 @@ class CompressionState(NamedTuple):
     message: PyTree
 
 
-def as_optax(compressor: Compressor, axis_name: str | None = "batch",
-             keep_message: bool = True) -> optax.GradientTransformationExtraArgs:
+def as_optax(
+    compressor: Compressor, axis_name: str | None = "batch", keep_message: bool = True
+) -> optax.GradientTransformationExtraArgs:
     """`compressor` as an optax transformation: the (compressed) all-reduce of the gradients.
 
     Put it first in an ``optax.chain``; what follows sees the averaged update::
@@ -977,11 +1019,16 @@ def as_optax(compressor: Compressor, axis_name: str | None = "batch",
 
 
 def _the_compression_state(opt_state, who: str) -> CompressionState:
-    found = [x for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, CompressionState))
-             if isinstance(x, CompressionState)]
+    found = [
+        x
+        for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, CompressionState))
+        if isinstance(x, CompressionState)
+    ]
     if len(found) != 1:
-        raise ValueError(f"{who}: expected exactly one compress.as_optax state inside the optimizer state, found "
-                         f"{len(found)}. Pass the state of the chain built with compress.as_optax.")
+        raise ValueError(
+            f"{who}: expected exactly one compress.as_optax state inside the optimizer state, found "
+            f"{len(found)}. Pass the state of the chain built with compress.as_optax."
+        )
     return found[0]
 
 
@@ -994,8 +1041,10 @@ def last_message(opt_state: PyTree) -> PyTree:
     """
     state = _the_compression_state(opt_state, "last_message")
     if state.message is None:
-        raise ValueError("last_message: this transformation was built with keep_message=False; build it with "
-                         "compress.as_optax(..., keep_message=True) to keep the message.")
+        raise ValueError(
+            "last_message: this transformation was built with keep_message=False; build it with "
+            "compress.as_optax(..., keep_message=True) to keep the message."
+        )
     return state.message
 
 

@@ -91,16 +91,13 @@ def _validate(name: str, arrays: dict, where: str) -> Dataset:
         x = _as_nhwc(np.asarray(x))
         if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] not in (1, 3):
             raise DataError(
-                f"{where}: x_{split} must be uint8 images [N,H,W(,C)], got {x.dtype} {x.shape}. "
-                + _how_to_fix(name)
+                f"{where}: x_{split} must be uint8 images [N,H,W(,C)], got {x.dtype} {x.shape}. " + _how_to_fix(name)
             )
         y = np.asarray(y).astype(np.int32).reshape(-1)
         if len(y) != len(x):
             raise DataError(f"{where}: {len(x)} images but {len(y)} labels in split {split!r}.")
         if len(y) and (y.min() < 0 or y.max() >= NUM_CLASSES[name]):
-            raise DataError(
-                f"{where}: labels of split {split!r} outside [0, {NUM_CLASSES[name]}) for {name}."
-            )
+            raise DataError(f"{where}: labels of split {split!r} outside [0, {NUM_CLASSES[name]}) for {name}.")
         out[f"x_{split}"], out[f"y_{split}"] = x, y
     train_shape, test_shape = out["x_train"].shape[1:], out["x_test"].shape[1:]
     if train_shape != test_shape:
@@ -127,12 +124,11 @@ def _load_npz(name: str, path: pathlib.Path) -> Dataset:
 
 
 def _load_tfds(name: str, tfds_data_dir: str | None) -> Dataset:
-    try:
+    try:  # an optional dependency: only this source needs it
         import tensorflow_datasets as tfds
     except ImportError as e:
         raise DataError(
-            "source='tfds' needs `pip install tensorflow-datasets array-record` "
-            f"({e}). " + _how_to_fix(name)
+            f"source='tfds' needs `pip install tensorflow-datasets array-record` ({e}). " + _how_to_fix(name)
         ) from e
     data_dir = tfds_data_dir or os.environ.get("TFDS_DATA_DIR")
     arrays = {}
@@ -142,8 +138,7 @@ def _load_tfds(name: str, tfds_data_dir: str | None) -> Dataset:
         except Exception as e:  # tfds raises several types for "not prepared"
             raise DataError(
                 f"tfds could not open a prepared {name!r} (split {split!r}) in data_dir="
-                f"{data_dir or 'the default ~/tensorflow_datasets'} without downloading: {e}. "
-                + _how_to_fix(name)
+                f"{data_dir or 'the default ~/tensorflow_datasets'} without downloading: {e}. " + _how_to_fix(name)
             ) from e
         examples = src[list(range(len(src)))] if len(src) else []
         arrays[f"x_{split}"] = np.stack([np.asarray(ex["image"]) for ex in examples])
@@ -214,5 +209,5 @@ def batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, epoch: int
         raise ValueError(f"batch_size {batch_size} must be in [1, {len(x)}] (the number of images).")
     perm = np.random.default_rng([seed, epoch]).permutation(len(x))
     for i in range(len(x) // batch_size):
-        idx = perm[i * batch_size:(i + 1) * batch_size]
+        idx = perm[i * batch_size : (i + 1) * batch_size]
         yield x[idx], y[idx]

@@ -60,8 +60,11 @@ def match(originals, reconstructions) -> np.ndarray:
 
 
 def image_scores(originals, reconstructions) -> dict[str, np.ndarray]:
-    return {"ssim": ssim(originals, reconstructions), "psnr": psnr(originals, reconstructions),
-            "mse": mse(originals, reconstructions)}
+    return {
+        "ssim": ssim(originals, reconstructions),
+        "psnr": psnr(originals, reconstructions),
+        "mse": mse(originals, reconstructions),
+    }
 
 
 def summarize(values) -> dict[str, float]:

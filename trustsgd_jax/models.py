@@ -39,7 +39,7 @@ def im2col(x, kernel_size, strides, padding):
         padding = jax.lax.padtype_to_pads(x.shape[1:3], (kh, kw), strides, padding)
     x = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
     h, w = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
-    cols = [x[:, i:i + (h - 1) * sh + 1:sh, j:j + (w - 1) * sw + 1:sw, :] for i in range(kh) for j in range(kw)]
+    cols = [x[:, i : i + (h - 1) * sh + 1 : sh, j : j + (w - 1) * sw + 1 : sw, :] for i in range(kh) for j in range(kw)]
     return cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
 
 
@@ -48,8 +48,8 @@ class PatchesConv(nn.Module):
 
     Why: gradient inversion differentiates the weight gradient once more.
     XLA:CPU runs native weight-gradient convolutions inside a ``while`` loop
-    (the attack's ``lax.scan`` chunks) through its slow generic emitter (~4x
-    slower than outside a loop, measured on ResNet-18), and under ``vmap``
+    (the attack's ``lax.scan`` chunks) through its slow generic emitter (the
+    README's benchmarks give the figures), and under ``vmap``
     over attacks they become grouped convolutions, slower still. As matmuls
     over patches, every convolution and every derivative of it runs in the
     fast dot kernels. Undilated, ungrouped convolutions only.
@@ -134,8 +134,9 @@ class ConvNet(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         for i, (features, stride) in enumerate(((self.width, 1), (2 * self.width, 2), (2 * self.width, 2))):
-            x = _conv(self.conv_impl)(features, (3, 3), strides=stride, padding=1, use_bias=self.norm == "none",
-                                     name=f"Conv_{i}")(x)
+            x = _conv(self.conv_impl)(
+                features, (3, 3), strides=stride, padding=1, use_bias=self.norm == "none", name=f"Conv_{i}"
+            )(x)
             x = Norm(self.norm, self.axis_name, name=f"norm{i}")(x, train)
             x = nn.relu(x)
         x = x.reshape(x.shape[0], -1)
@@ -151,7 +152,9 @@ class BasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
-        conv = lambda f, k, s, name: _conv(self.conv_impl)(f, (k, k), strides=s, padding=k // 2, use_bias=False, name=name)
+        conv = lambda f, k, s, name: _conv(self.conv_impl)(
+            f, (k, k), strides=s, padding=k // 2, use_bias=False, name=name
+        )
         y = conv(self.features, 3, self.stride, "conv1")(x)
         y = nn.relu(Norm(self.norm, self.axis_name, name="norm1")(y, train))
         y = conv(self.features, 3, 1, "conv2")(y)
@@ -179,7 +182,9 @@ class ResNet18(nn.Module):
         for i, blocks in enumerate(self.stage_sizes):
             for j in range(blocks):
                 stride = 2 if i > 0 and j == 0 else 1
-                x = BasicBlock(self.width * 2**i, stride, self.norm, self.axis_name, self.conv_impl, name=f"layer{i + 1}_{j}")(x, train)
+                x = BasicBlock(
+                    self.width * 2**i, stride, self.norm, self.axis_name, self.conv_impl, name=f"layer{i + 1}_{j}"
+                )(x, train)
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes, name="fc")(x)
 

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -60,7 +61,8 @@ def read_records(path: str | os.PathLike) -> Records:
     if not path.exists():
         return Records([], None, 0)
     raw = path.read_bytes()
-    records, offset = [], 0
+    records: list[dict] = []
+    offset = 0
     lines = raw.split(b"\n")
     for i, line in enumerate(lines):
         is_last = i == len(lines) - 1
@@ -127,12 +129,15 @@ def ensure_workdir(workdir: str | os.PathLike) -> pathlib.Path:
         probe = tempfile.NamedTemporaryFile(dir=path, prefix=".write_test.", delete=True)
         probe.close()
     except OSError as e:
-        raise ResultsError(f"workdir {str(path)!r} is not writable ({e}); pass --workdir to a writable directory.") from e
+        raise ResultsError(
+            f"workdir {str(path)!r} is not writable ({e}); pass --workdir to a writable directory."
+        ) from e
     return path
 
 
 def markdown_table(header, rows) -> list[str]:
     """Lines of a Markdown table: header, separator, one line per row of already formatted cells."""
+
     def line(cells):
         return "| " + " | ".join(str(c) for c in cells) + " |"
 
@@ -148,8 +153,7 @@ def write_table(table: str, path: str | os.PathLike | None = None) -> None:
 
 def save_figure(fig, path: str | os.PathLike, dpi: int = 130) -> None:
     """Saves a matplotlib figure as PNG atomically and closes it."""
-    import io
-
+    # Imported here: the results writer is imported by every unit and the tests; only figures need pyplot.
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()

@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import struct
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from trustsgd_jax import compress as compress_lib
@@ -44,8 +45,13 @@ def cross_entropy(logits, labels):
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
-def init_state(model: nn.Module, optimizer: optax.GradientTransformation, compressor: compress_lib.Compressor,
-               image_shape, seed: int) -> TrainState:
+def init_state(
+    model: nn.Module,
+    optimizer: optax.GradientTransformation,
+    compressor: compress_lib.Compressor,
+    image_shape,
+    seed: int,
+) -> TrainState:
     variables = model.init(jax.random.key(seed), jnp.zeros((1, *image_shape), jnp.float32), train=False)
     params = variables["params"]
     return TrainState(params, variables.get("batch_stats", {}), optimizer.init(params), compressor.init(params))
@@ -72,15 +78,26 @@ def step_wire_cost(model, compressor, state: TrainState, step: int | None = None
     grads = compress_lib.wire_cost(compressor, state.params, step=step).words
     bn = sync_bn_words(model, state.batch_stats)
     dense = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(state.params))
-    return {"grad_words": grads, "bn_words": bn, "words": grads + bn, "bytes": 4 * (grads + bn),
-            "uncompressed_words": dense + bn}
+    return {
+        "grad_words": grads,
+        "bn_words": bn,
+        "words": grads + bn,
+        "bytes": 4 * (grads + bn),
+        "uncompressed_words": dense + bn,
+    }
 
 
 BN_STATISTICS = ("train", "eval")
 
 
-def make_step(model: nn.Module, optimizer: optax.GradientTransformation, compressor: compress_lib.Compressor,
-              axis_name: str = AXIS, return_message: bool = False, bn_statistics: str = "train") -> Callable:
+def make_step(
+    model: nn.Module,
+    optimizer: optax.GradientTransformation,
+    compressor: compress_lib.Compressor,
+    axis_name: str = AXIS,
+    return_message: bool = False,
+    bn_statistics: str = "train",
+) -> Callable:
     """Per-worker train step ``(state, images, labels) -> (state, metrics[, message])``.
 
     ``bn_statistics="train"`` is training: BatchNorm normalises by batch
@@ -180,13 +197,23 @@ def _index_stream(indices: np.ndarray, global_batch: int, seed: int) -> Iterator
         epoch += 1
 
 
-def _run_steps(run: Callable, state, batch_fn: Callable[[], tuple], *, steps: int, log_every: int, progress: bool,
-               words_through: Callable[[int], int], desc: str = "train"):
+def _run_steps(
+    run: Callable,
+    state,
+    batch_fn: Callable[[], tuple],
+    *,
+    steps: int,
+    log_every: int,
+    progress: bool,
+    words_through: Callable[[int], int],
+    desc: str = "train",
+):
     """The training loop `fit` and `fit_many` share: steps, logging, the NaN/Inf stop, a progress bar."""
     history: list[dict] = []
     t0 = time.time()
-    bar = tqdm(total=steps, disable=not (progress and jax.process_index() == 0), desc=desc, unit="step",
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=steps, disable=not (progress and jax.process_index() == 0), desc=desc, unit="step", dynamic_ncols=True
+    )
     for i in range(steps):
         state, metrics = run(state, *batch_fn())
         if (i + 1) % log_every == 0 or i + 1 == steps:
@@ -222,10 +249,22 @@ def _check_fit_args(steps: int, global_batch: int, n_global: int, smallest: int)
     return per_device
 
 
-def fit(model: nn.Module, compressor: compress_lib.Compressor, x_train: np.ndarray, y_train: np.ndarray, *,
-        steps: int, global_batch: int, optimizer: optax.GradientTransformation | None = None,
-        seed: int = 0, log_every: int = 50, progress: bool = True, image_shape=None,
-        use_shard_map: bool = False, devices: list | None = None) -> FitResult:
+def fit(
+    model: nn.Module,
+    compressor: compress_lib.Compressor,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    *,
+    steps: int,
+    global_batch: int,
+    optimizer: optax.GradientTransformation | None = None,
+    seed: int = 0,
+    log_every: int = 50,
+    progress: bool = True,
+    image_shape=None,
+    use_shard_map: bool = False,
+    devices: list | None = None,
+) -> FitResult:
     """Trains `model` with `compressor` on normalised float images, data-parallel.
 
     Workers are all devices of all processes, or the given local `devices`
@@ -247,20 +286,38 @@ def fit(model: nn.Module, compressor: compress_lib.Compressor, x_train: np.ndarr
     stream = _index_stream(np.arange(len(x_train)), global_batch, seed)
 
     def batch():
-        idx = next(stream)[lo:lo + n_local * per_device]
+        idx = next(stream)[lo : lo + n_local * per_device]
         return shard_batch(x_train[idx], y_train[idx], n_local)
 
-    state, history, seconds = _run_steps(run, replicate(state, n_local), batch, steps=steps, log_every=log_every,
-                                         progress=progress, words_through=_words_through(model, compressor, state))
-    out = TrainState(unreplicate(state.params), unreplicate(state.batch_stats), unreplicate(state.opt_state),
-                     state.comp_state)
+    state, history, seconds = _run_steps(
+        run,
+        replicate(state, n_local),
+        batch,
+        steps=steps,
+        log_every=log_every,
+        progress=progress,
+        words_through=_words_through(model, compressor, state),
+    )
+    out = TrainState(
+        unreplicate(state.params), unreplicate(state.batch_stats), unreplicate(state.opt_state), state.comp_state
+    )
     return FitResult(out, history, wire, seconds)
 
 
-def fit_many(model: nn.Module, compressor: compress_lib.Compressor, x_train: np.ndarray, y_train: np.ndarray,
-             masks: np.ndarray, seeds, *, steps: int, global_batch: int,
-             optimizer: optax.GradientTransformation | None = None, log_every: int = 50,
-             progress: bool = False) -> list[TrainState]:
+def fit_many(
+    model: nn.Module,
+    compressor: compress_lib.Compressor,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    masks: np.ndarray,
+    seeds,
+    *,
+    steps: int,
+    global_batch: int,
+    optimizer: optax.GradientTransformation | None = None,
+    log_every: int = 50,
+    progress: bool = False,
+) -> list[TrainState]:
     """Trains K models at once, model k on ``x_train[masks[k]]`` with seed ``seeds[k]``, as `fit` trains one.
 
     The per-worker step is vmapped over a leading model axis inside the
@@ -285,16 +342,29 @@ def fit_many(model: nn.Module, compressor: compress_lib.Compressor, x_train: np.
     streams = [_index_stream(np.flatnonzero(m), global_batch, int(s)) for m, s in zip(masks, seeds, strict=True)]
 
     def batch():
-        shards = [shard_batch(x_train[idx], y_train[idx], n_local)
-                  for idx in (next(s)[lo:lo + n_local * per_device] for s in streams)]
+        shards = [
+            shard_batch(x_train[idx], y_train[idx], n_local)
+            for idx in (next(s)[lo : lo + n_local * per_device] for s in streams)
+        ]
         return np.stack([s[0] for s in shards], 1), np.stack([s[1] for s in shards], 1)
 
-    state, _, _ = _run_steps(run, state, batch, steps=steps, log_every=log_every, progress=progress,
-                             words_through=words_through)
+    state, _, _ = _run_steps(
+        run, state, batch, steps=steps, log_every=log_every, progress=progress, words_through=words_through
+    )
     first = unreplicate(state)
-    return [TrainState(jax.tree.map(lambda a: a[j], first.params), jax.tree.map(lambda a: a[j], first.batch_stats),
-                       jax.tree.map(lambda a: a[j], first.opt_state),
-                       jax.tree.map(lambda a: a[:, j], state.comp_state)) for j in range(k)]
+
+    def model_state(j: int) -> TrainState:
+        def pick(a):
+            return a[j]
+
+        return TrainState(
+            jax.tree.map(pick, first.params),
+            jax.tree.map(pick, first.batch_stats),
+            jax.tree.map(pick, first.opt_state),
+            jax.tree.map(lambda a: a[:, j], state.comp_state),
+        )
+
+    return [model_state(j) for j in range(k)]
 
 
 def eval_model(model: nn.Module) -> nn.Module:
@@ -320,8 +390,12 @@ def predict_logits(model: nn.Module, params, batch_stats, images: np.ndarray, ba
     run = eval_model(model)
     if not len(images):
         return np.zeros((0,))
-    return np.concatenate([np.asarray(_eval_logits(run, variables, images[i:i + batch_size]))
-                           for i in range(0, len(images), batch_size)])
+    return np.concatenate(
+        [
+            np.asarray(_eval_logits(run, variables, images[i : i + batch_size]))
+            for i in range(0, len(images), batch_size)
+        ]
+    )
 
 
 def evaluate(model, params, batch_stats, images, labels, batch_size: int = 500) -> dict:

@@ -82,7 +82,8 @@ def attack_model(model: nn.Module) -> nn.Module:
 def _optimizer(config: AttackConfig) -> optax.GradientTransformation:
     t = config.iterations
     schedule = optax.piecewise_constant_schedule(
-        config.learning_rate, {int(t * 3 / 8): 0.1, int(t * 5 / 8): 0.1, int(t * 7 / 8): 0.1})
+        config.learning_rate, {int(t * 3 / 8): 0.1, int(t * 5 / 8): 0.1, int(t * 7 / 8): 0.1}
+    )
     parts = [optax.adam(schedule)]
     if config.signed:
         parts.insert(0, optax.stateless(lambda u, p=None: jax.tree.map(jnp.sign, u)))
@@ -103,8 +104,17 @@ class CompiledAttack(NamedTuple):
     final_loss: Callable
 
 
-def compile_attack(model: nn.Module, variables: dict, threat: str, config: AttackConfig, dataset: str,
-                   image_shape, *, train: bool, width: int) -> CompiledAttack:
+def compile_attack(
+    model: nn.Module,
+    variables: dict,
+    threat: str,
+    config: AttackConfig,
+    dataset: str,
+    image_shape,
+    *,
+    train: bool,
+    width: int,
+) -> CompiledAttack:
     """Builds the jitted attack for `model` (pass `attack_model(model)` for speed) at `variables`.
 
     ``train`` applies BatchNorm with batch statistics (as a train-mode round
@@ -140,39 +150,61 @@ def compile_attack(model: nn.Module, variables: dict, threat: str, config: Attac
             def g(*args):
                 out = f(*jax.tree.map(lambda t: t[0], args[:4]), *args[4:])
                 return jax.tree.map(lambda t: t[None], out)
+
             return g
 
-        return CompiledAttack(jax.jit(one(opt.init)), jax.jit(one(run_chunk), static_argnums=4),
-                              jax.jit(one(matching_loss)))
-    return CompiledAttack(jax.jit(jax.vmap(opt.init)),
-                          jax.jit(jax.vmap(run_chunk, in_axes=(0, 0, 0, 0, None)), static_argnums=4),
-                          jax.jit(jax.vmap(matching_loss)))
+        return CompiledAttack(
+            jax.jit(one(opt.init)), jax.jit(one(run_chunk), static_argnums=4), jax.jit(one(matching_loss))
+        )
+    return CompiledAttack(
+        jax.jit(jax.vmap(opt.init)),
+        jax.jit(jax.vmap(run_chunk, in_axes=(0, 0, 0, 0, None)), static_argnums=4),
+        jax.jit(jax.vmap(matching_loss)),
+    )
 
 
 def check_message(msg, params) -> None:
     """Rejects a message that was not made for `params` (another model, another compressor tree)."""
     seen = jax.eval_shape(compress_lib.decompress, msg)
-    if jax.tree.structure(seen) != jax.tree.structure(params) or any(
-            s.shape != np.shape(p) for s, p in zip(jax.tree.leaves(seen), jax.tree.leaves(params), strict=True)):
+    structure_differs = jax.tree.structure(seen) != jax.tree.structure(params)  # type: ignore[operator]
+    if structure_differs or any(
+        s.shape != np.shape(p) for s, p in zip(jax.tree.leaves(seen), jax.tree.leaves(params), strict=True)
+    ):
         raise AttackError("the message does not match the model's parameters (a message from another model?).")
     if not any(np.any(np.asarray(t)) for t in jax.tree.leaves(compress_lib.decompress(msg))):
-        raise AttackError("the observed gradient is all zeros: the cosine objective is undefined. "
-                          "(A step skipped for NaN/Inf, or a message from a worker with no data?)")
+        raise AttackError(
+            "the observed gradient is all zeros: the cosine objective is undefined. "
+            "(A step skipped for NaN/Inf, or a message from a worker with no data?)"
+        )
 
 
 def check_threat(threat: str, msg) -> None:
     """A threat model must apply to the message: ``adaptive`` needs a sparse or low-rank message to adapt to."""
     if threat not in THREATS:
         raise AttackError(f"unknown threat model {threat!r}; use one of {THREATS}.")
-    if threat == "adaptive" and not any(isinstance(m, (compress_lib.Sparse, compress_lib.LowRank))
-                                        for m in objectives.message_leaves(msg)):
-        raise AttackError("the adaptive attacker does not apply to this message (dense or quantised: nothing to "
-                          "adapt to, it would equal 'observed'); use threat='observed'.")
+    if threat == "adaptive" and not any(
+        isinstance(m, (compress_lib.Sparse, compress_lib.LowRank)) for m in objectives.message_leaves(msg)
+    ):
+        raise AttackError(
+            "the adaptive attacker does not apply to this message (dense or quantised: nothing to "
+            "adapt to, it would equal 'observed'); use threat='observed'."
+        )
 
 
-def invert_gradients(model, variables, messages: list, labels, image_shape, dataset: str, *, threat: str = "observed",
-                     train: bool = False, config: AttackConfig = AttackConfig(), seeds=None,
-                     progress: bool = True):
+def invert_gradients(
+    model,
+    variables,
+    messages: list,
+    labels,
+    image_shape,
+    dataset: str,
+    *,
+    threat: str = "observed",
+    train: bool = False,
+    config: AttackConfig | None = None,
+    seeds=None,
+    progress: bool = True,
+):
     """Reconstructs one batch of images per message. Returns (images [N, B, H, W, C] normalised, losses [N]).
 
     `messages` are per-parameter message trees (`victim.Observation.message`),
@@ -181,6 +213,7 @@ def invert_gradients(model, variables, messages: list, labels, image_shape, data
     by (config.seed, seeds[i], r), ``seeds`` defaulting to range(N): a
     batch's result does not depend on which batches are attacked beside it.
     """
+    config = config or AttackConfig()
     for m in messages:
         check_message(m, variables["params"])
         check_threat(threat, m)
@@ -194,10 +227,15 @@ def invert_gradients(model, variables, messages: list, labels, image_shape, data
     jobs = [(i, r) for i in range(n) for r in range(config.restarts)]
     results_x = np.zeros((len(jobs), b, *image_shape), np.float32)
     results_loss = np.zeros((len(jobs),), np.float32)
-    bar = tqdm(total=len(jobs) * config.iterations, disable=not progress, desc=f"invert ({threat})", unit="it",
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=len(jobs) * config.iterations,
+        disable=not progress,
+        desc=f"invert ({threat})",
+        unit="it",
+        dynamic_ncols=True,
+    )
     for start in range(0, len(jobs), width):
-        group = jobs[start:start + width]
+        group = jobs[start : start + width]
         # Pad the last group to the compiled width (padding attacks repeat the first and are dropped).
         padded = group + [group[0]] * (width - len(group))
         msg = jax.tree.map(lambda *xs: jnp.stack(xs), *[messages[i] for i, _ in padded])
@@ -213,8 +251,8 @@ def invert_gradients(model, variables, messages: list, labels, image_shape, data
             done += length
             bar.update(length * len(group))
         losses = np.asarray(attack.final_loss(x, msg, y))
-        results_x[start:start + len(group)] = np.asarray(x)[:len(group)]
-        results_loss[start:start + len(group)] = losses[:len(group)]
+        results_x[start : start + len(group)] = np.asarray(x)[: len(group)]
+        results_loss[start : start + len(group)] = losses[: len(group)]
     bar.close()
     results_loss = np.where(np.isfinite(results_loss), results_loss, np.inf)
     best = results_loss.reshape(n, config.restarts).argmin(1)
@@ -255,8 +293,10 @@ def _validate(model, variables, images, labels, threat, label_mode, config, batc
     try:
         out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, images[:1])
     except Exception as e:  # flax/lax raise many types for a wrong input shape
-        raise AttackError(f"the model does not take images of shape {images.shape[1:]} ({type(e).__name__}: "
-                          f"{str(e)[:200]}); give images shaped like its training data.") from e
+        raise AttackError(
+            f"the model does not take images of shape {images.shape[1:]} ({type(e).__name__}: "
+            f"{str(e)[:200]}); give images shaped like its training data."
+        ) from e
     num_classes = out.shape[-1]
     labels = np.asarray(labels)
     if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
@@ -266,11 +306,29 @@ def _validate(model, variables, images, labels, threat, label_mode, config, batc
     return images.astype(np.float32), labels.astype(np.int32), num_classes
 
 
-def audit(model: nn.Module, variables: dict, images, labels, compressor: compress_lib.Compressor, *,
-          dataset: str, threat: str = "observed", config: AttackConfig = AttackConfig(), batch_size: int = 1,
-          workers: int = 1, other_images=None, other_labels=None, observer: str = "worker",
-          bn_statistics: str = "train", batchnorm: str = "sync", comp_state: Any = None, step: int = 0,
-          seeds=None, label_mode: str = "known", progress: bool = True) -> AuditResult:
+def audit(
+    model: nn.Module,
+    variables: dict,
+    images,
+    labels,
+    compressor: compress_lib.Compressor,
+    *,
+    dataset: str,
+    threat: str = "observed",
+    config: AttackConfig | None = None,
+    batch_size: int = 1,
+    workers: int = 1,
+    other_images=None,
+    other_labels=None,
+    observer: str = "worker",
+    bn_statistics: str = "train",
+    batchnorm: str = "sync",
+    comp_state: Any = None,
+    step: int = 0,
+    seeds=None,
+    label_mode: str = "known",
+    progress: bool = True,
+) -> AuditResult:
     """Attacks every victim batch of `images` in a real N-worker round and scores the reconstructions.
 
     Each consecutive group of `batch_size` normalised images is worker 0's
@@ -285,8 +343,8 @@ def audit(model: nn.Module, variables: dict, images, labels, compressor: compres
     each batch), per-image SSIM / PSNR / MSE on [0, 1] images, their mean /
     std, and the setting of the round.
     """
-    images, labels, num_classes = _validate(model, variables, images, labels, threat, label_mode, config,
-                                            batch_size)
+    config = config or AttackConfig()
+    images, labels, num_classes = _validate(model, variables, images, labels, threat, label_mode, config, batch_size)
     victim_lib.check_setting(observer, bn_statistics, batchnorm)
     victim_lib.check_workers(workers)
     n = len(images) // batch_size
@@ -295,20 +353,34 @@ def audit(model: nn.Module, variables: dict, images, labels, compressor: compres
     if workers > 1:
         want = (n, workers - 1, batch_size)
         if other_images is None or np.shape(other_images)[:3] != want or np.shape(other_labels) != want:
-            raise AttackError(f"workers={workers} needs the other workers' batches: other_images [{n}, {workers - 1}, "
-                              f"{batch_size}, H, W, C] and other_labels {list(want)} (see victim.other_worker_ids).")
+            raise AttackError(
+                f"workers={workers} needs the other workers' batches: other_images [{n}, {workers - 1}, "
+                f"{batch_size}, H, W, C] and other_labels {list(want)} (see victim.other_worker_ids)."
+            )
         wx = np.concatenate([xb[:, None], np.asarray(other_images, np.float32)], 1)
         wy = np.concatenate([yb[:, None], np.asarray(other_labels, np.int32)], 1)
     else:
         wx, wy = xb[:, None], yb[:, None]
-    round_ = victim_lib.make_round(model, compressor, workers=workers, observer=observer,
-                                   bn_statistics=bn_statistics, batchnorm=batchnorm)
+    round_ = victim_lib.make_round(
+        model, compressor, workers=workers, observer=observer, bn_statistics=bn_statistics, batchnorm=batchnorm
+    )
     observations = [round_(variables, wx[i], wy[i], comp_state) for i in range(n)]
     messages = [o.message for o in observations]
     if label_mode == "idlg":
         yb = np.stack([labels_lib.infer_labels_idlg(m, num_classes, batch_size) for m in messages])
-    rec, losses = invert_gradients(attack_model(model), variables, messages, yb, images.shape[1:], dataset, threat=threat,
-                                   train=bn_statistics == "train", config=config, seeds=seeds, progress=progress)
+    rec, losses = invert_gradients(
+        attack_model(model),
+        variables,
+        messages,
+        yb,
+        images.shape[1:],
+        dataset,
+        threat=threat,
+        train=bn_statistics == "train",
+        config=config,
+        seeds=seeds,
+        progress=progress,
+    )
     originals = np.clip(np.asarray(data_lib.denormalize(xb, dataset)), 0, 1)
     rec01 = np.clip(np.asarray(data_lib.denormalize(rec, dataset)), 0, 1)
     for i in range(n):
@@ -317,7 +389,23 @@ def audit(model: nn.Module, variables: dict, images, labels, compressor: compres
     flat_r = rec01.reshape(-1, *images.shape[1:])
     per_image = metrics_lib.image_scores(flat_o, flat_r)
     summary = {k: metrics_lib.summarize(v) for k, v in per_image.items()}
-    setting = dict(workers=workers, batch=batch_size, observer=observer, bn_statistics=bn_statistics,
-                   batchnorm=batchnorm, step=step)
-    return AuditResult(flat_r, flat_o, per_image, summary, np.asarray(yb).reshape(-1), losses,
-                       compress_lib.message_cost(messages[0]), threat, config.iterations, setting)
+    setting = dict(
+        workers=workers,
+        batch=batch_size,
+        observer=observer,
+        bn_statistics=bn_statistics,
+        batchnorm=batchnorm,
+        step=step,
+    )
+    return AuditResult(
+        flat_r,
+        flat_o,
+        per_image,
+        summary,
+        np.asarray(yb).reshape(-1),
+        losses,
+        compress_lib.message_cost(messages[0]),
+        threat,
+        config.iterations,
+        setting,
+    )

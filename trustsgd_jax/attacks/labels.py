@@ -17,8 +17,11 @@ def infer_labels_idlg(msg, num_classes: int, batch_size: int = 1) -> np.ndarray:
     B > 1 the B most negative columns are returned (assumes distinct labels).
     """
     seen = compress_lib.decompress(msg)
-    heads = [(path, g) for path, g in jax.tree_util.tree_leaves_with_path(seen)
-             if g.ndim == 2 and g.shape[-1] == num_classes and "kernel" in jax.tree_util.keystr(path)]
+    heads = [
+        (path, g)
+        for path, g in jax.tree_util.tree_leaves_with_path(seen)
+        if g.ndim == 2 and g.shape[-1] == num_classes and "kernel" in jax.tree_util.keystr(path)
+    ]
     if len(heads) != 1:
         raise AttackError(f"iDLG needs exactly one 2-D head kernel with {num_classes} outputs; found {len(heads)}.")
     col = np.asarray(heads[0][1]).sum(0)

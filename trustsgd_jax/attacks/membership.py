@@ -71,8 +71,10 @@ def _as_float64_logits(logits, labels) -> tuple[np.ndarray, np.ndarray]:
     if len(y) and (y.min() < 0 or y.max() >= z.shape[1]):
         raise MembershipError(f"labels must lie in [0, {z.shape[1]}), got [{y.min()}, {y.max()}].")
     if not np.isfinite(z).all():
-        raise MembershipError(f"logits hold {int((~np.isfinite(z)).sum())} NaN or infinite values; "
-                              "the model diverged or the predict function is wrong.")
+        raise MembershipError(
+            f"logits hold {int((~np.isfinite(z)).sum())} NaN or infinite values; "
+            "the model diverged or the predict function is wrong."
+        )
     return z, y
 
 
@@ -131,8 +133,12 @@ def attack_metrics(scores, is_member, threshold: float | None = None, bootstrap:
         raise MembershipError("metrics need both members and non-members in the evaluation set.")
 
     def point(s, m):
-        out = {"auc": metrics.auc(s, m), "tpr@1%fpr": metrics.tpr_at_fpr(s, m, 0.01),
-               "tpr@0.1%fpr": metrics.tpr_at_fpr(s, m, 0.001), "oracle_acc": metrics.best_balanced_accuracy(s, m)[0]}
+        out = {
+            "auc": metrics.auc(s, m),
+            "tpr@1%fpr": metrics.tpr_at_fpr(s, m, 0.01),
+            "tpr@0.1%fpr": metrics.tpr_at_fpr(s, m, 0.001),
+            "oracle_acc": metrics.best_balanced_accuracy(s, m)[0],
+        }
         if threshold is not None:
             out["calibrated_acc"] = metrics.balanced_accuracy_at(s, m, threshold)
         return out
@@ -224,9 +230,19 @@ class MembershipReport:
     roc: dict  # attack -> (fpr, tpr)
 
 
-def evaluate_membership(predict: Callable[[np.ndarray], np.ndarray], images, labels, is_member, *,
-                        shadow_predicts: list | None = None, shadow_in=None, augment: str = "none",
-                        global_variance: bool | None = None, bootstrap: int = 200, seed: int = 0) -> MembershipReport:
+def evaluate_membership(
+    predict: Callable[[np.ndarray], np.ndarray],
+    images,
+    labels,
+    is_member,
+    *,
+    shadow_predicts: list | None = None,
+    shadow_in=None,
+    augment: str = "none",
+    global_variance: bool | None = None,
+    bootstrap: int = 200,
+    seed: int = 0,
+) -> MembershipReport:
     """Every attack's metrics in one table for a trained target model.
 
     Args:

@@ -190,8 +190,7 @@ def factored_param_grads(model: nn.Module, variables: dict, images, labels, trai
 
     def loss(others, probes):
         p = flax.traverse_util.unflatten_dict({**kernels, **others})
-        logits, state = _apply(model, {**variables, "params": p, "perturbations": probes}, images, train,
-                               ["factors"])
+        logits, state = _apply(model, {**variables, "params": p, "perturbations": probes}, images, train, ["factors"])
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), state["factors"]
 
     (g_others, g_probes), factors = jax.grad(loss, argnums=(0, 1), has_aux=True)(others, probes)
@@ -259,8 +258,11 @@ def topk_support_penalty(grads, msg, dummy_feats, target_feats) -> jax.Array:
     first step; with error memory (step t > 0) the sent entries are those of
     g + e, so it is approximate there.
     """
-    sparse = [(g, m) for g, m in zip(jax.tree.leaves(grads), message_leaves(msg), strict=True)
-              if isinstance(m, compress_lib.Sparse) and m.indices_on_wire]
+    sparse = [
+        (g, m)
+        for g, m in zip(jax.tree.leaves(grads), message_leaves(msg), strict=True)
+        if isinstance(m, compress_lib.Sparse) and m.indices_on_wire
+    ]
     if not sparse:
         return jnp.zeros(())
     sent = sum(jnp.sum(jnp.square(t)) for t in target_feats)
@@ -282,8 +284,9 @@ def matching_loss(model: nn.Module, variables: dict, threat: str, weights, train
 
     def loss(x, msg, y):
         if threat == "observed":
-            return cosine_distance(factored_param_grads(model, variables, x, y, train),
-                                   target_features(msg, threat), weights)
+            return cosine_distance(
+                factored_param_grads(model, variables, x, y, train), target_features(msg, threat), weights
+            )
         grads = param_grads(model, variables, x, y, train)
         d, t = dummy_features(grads, msg, threat), target_features(msg, threat)
         return cosine_distance(d, t, weights) + topk_support_penalty(grads, msg, d, t)

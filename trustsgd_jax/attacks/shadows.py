@@ -42,13 +42,27 @@ def check_disjoint(member_ids, nonmember_ids) -> None:
         raise MembershipError("member and non-member sets must both be non-empty.")
     overlap = np.intersect1d(a, b)
     if len(overlap):
-        raise MembershipError(f"member and non-member sets overlap in {len(overlap)} examples (e.g. id "
-                              f"{overlap[0]}); a non-member must never have been trained on.")
+        raise MembershipError(
+            f"member and non-member sets overlap in {len(overlap)} examples (e.g. id "
+            f"{overlap[0]}); a non-member must never have been trained on."
+        )
 
 
-def train_target_and_shadows(images, labels, *, model_fn: Callable, compressor_spec: str, num_shadows: int,
-                             steps: int, global_batch: int, seed: int = 0, learning_rate: float = 0.05,
-                             split_path=None, progress: bool = False, parallel_models: int = 1) -> MembershipSetup:
+def train_target_and_shadows(
+    images,
+    labels,
+    *,
+    model_fn: Callable,
+    compressor_spec: str,
+    num_shadows: int,
+    steps: int,
+    global_batch: int,
+    seed: int = 0,
+    learning_rate: float = 0.05,
+    split_path=None,
+    progress: bool = False,
+    parallel_models: int = 1,
+) -> MembershipSetup:
     """Trains the target on a seeded random half of the pool and K shadows on other random halves.
 
     Every model uses the same recipe: `model_fn()` (a fresh model with the
@@ -93,11 +107,32 @@ def train_target_and_shadows(images, labels, *, model_fn: Callable, compressor_s
     states = []
     for start in range(0, len(masks), group):
         if group == 1:
-            states.append(train.fit(model, c, images[masks[start]], labels[masks[start]], steps=steps,
-                                    global_batch=batch, seed=seeds[start], optimizer=opt, progress=progress).state)
+            states.append(
+                train.fit(
+                    model,
+                    c,
+                    images[masks[start]],
+                    labels[masks[start]],
+                    steps=steps,
+                    global_batch=batch,
+                    seed=seeds[start],
+                    optimizer=opt,
+                    progress=progress,
+                ).state
+            )
         else:  # several models at once: one compiled program, vmapped over models
-            states += train.fit_many(model, c, images, labels, masks[start:start + group], seeds[start:start + group],
-                                     steps=steps, global_batch=batch, optimizer=opt, progress=progress)
+            states += train.fit_many(
+                model,
+                c,
+                images,
+                labels,
+                masks[start : start + group],
+                seeds[start : start + group],
+                steps=steps,
+                global_batch=batch,
+                optimizer=opt,
+                progress=progress,
+            )
 
     def predictor(st):
         return lambda x: train.predict_logits(model, st.params, st.batch_stats, np.asarray(x, np.float32))

@@ -87,11 +87,19 @@ def check_workers(workers: int) -> None:
     if workers > jax.local_device_count():
         raise AttackError(
             f"workers={workers} needs {workers} local devices but there are {jax.local_device_count()}; use fewer "
-            f"workers or, on CPU, set XLA_FLAGS=--xla_force_host_platform_device_count={workers} before JAX starts.")
+            f"workers or, on CPU, set XLA_FLAGS=--xla_force_host_platform_device_count={workers} before JAX starts."
+        )
 
 
-def make_round(model: nn.Module, compressor: compress_lib.Compressor, *, workers: int, observer: str = "worker",
-               bn_statistics: str = "train", batchnorm: str = "sync"):
+def make_round(
+    model: nn.Module,
+    compressor: compress_lib.Compressor,
+    *,
+    workers: int,
+    observer: str = "worker",
+    bn_statistics: str = "train",
+    batchnorm: str = "sync",
+):
     """``round(variables, images [N, B, ...], labels [N, B], comp_state=None) -> Observation``.
 
     One real round of `train.make_step` on the first N = `workers` local
@@ -104,30 +112,36 @@ def make_round(model: nn.Module, compressor: compress_lib.Compressor, *, workers
     check_workers(workers)
     dp_model = data_parallel_model(model, batchnorm)
     # The optimiser plays no part in the message: the round's update is never applied.
-    step = train_lib.make_step(dp_model, optax.identity(), compressor, return_message=True,
-                               bn_statistics=bn_statistics)
+    step = train_lib.make_step(dp_model, optax.identity(), compressor, return_message=True, bn_statistics=bn_statistics)
     run = jax.pmap(step, axis_name=train_lib.AXIS, devices=jax.local_devices()[:workers])
 
     def round_(variables: dict, images, labels, comp_state=None) -> Observation:
         images, labels = np.asarray(images, np.float32), np.asarray(labels, np.int32)
         if images.shape[0] != workers or labels.shape != images.shape[:2]:
-            raise AttackError(f"a round needs images [{workers} workers, B, H, W, C] and labels [{workers}, B]; got "
-                              f"{images.shape} and {labels.shape}.")
+            raise AttackError(
+                f"a round needs images [{workers} workers, B, H, W, C] and labels [{workers}, B]; got "
+                f"{images.shape} and {labels.shape}."
+            )
         params = variables["params"]
         if comp_state is None:
             comp_state = train_lib.replicate(compressor.init(params), workers)
         elif np.shape(comp_state.step) != (workers,):
-            raise AttackError(f"comp_state must be stacked over the {workers} workers of the run (leading axis "
-                              f"{workers}); got step of shape {np.shape(comp_state.step)}.")
-        shared = train_lib.replicate((params, variables.get("batch_stats", {}), optax.identity().init(params)),
-                                     workers)
+            raise AttackError(
+                f"comp_state must be stacked over the {workers} workers of the run (leading axis "
+                f"{workers}); got step of shape {np.shape(comp_state.step)}."
+            )
+        shared_params, batch_stats, opt_state = train_lib.replicate(
+            (params, variables.get("batch_stats", {}), optax.identity().init(params)), workers
+        )
         # Host copies: pmap places each worker's slice itself, wherever the arrays were committed before.
-        state = jax.device_get(train_lib.TrainState(*shared, comp_state))
+        state = jax.device_get(train_lib.TrainState(shared_params, batch_stats, opt_state, comp_state))
         _, _, msg = run(state, images, labels)
         if observer == "worker":
             # as_sent: PowerSGD's warm-up message becomes the Dense or LowRank that travelled at this step.
-            return Observation(compress_lib.as_sent(compress_lib.worker_message(msg["grads"], 0)),
-                               compress_lib.worker_message(msg["bn"], 0))
+            return Observation(
+                compress_lib.as_sent(compress_lib.worker_message(msg["grads"], 0)),
+                compress_lib.worker_message(msg["bn"], 0),
+            )
         update = compress_lib.worker_message(msg["update"], 0)
         return Observation(jax.tree.map(compress_lib.Dense, update), {})
 
@@ -143,12 +157,14 @@ def other_worker_ids(victim_ids: np.ndarray, pool_size: int, workers: int, seed:
     victim_ids = np.asarray(victim_ids)
     b = len(victim_ids)
     if workers * b > pool_size:
-        raise AttackError(f"{workers} workers x B={b} images need {workers * b} training images; the pool has "
-                          f"{pool_size}. Use fewer workers or a smaller victim batch.")
+        raise AttackError(
+            f"{workers} workers x B={b} images need {workers * b} training images; the pool has "
+            f"{pool_size}. Use fewer workers or a smaller victim batch."
+        )
     rng = np.random.default_rng([seed, *victim_ids.tolist()])
     candidates = rng.permutation(pool_size)
     candidates = candidates[~np.isin(candidates, victim_ids)]
-    return candidates[:(workers - 1) * b].reshape(workers - 1, b)
+    return candidates[: (workers - 1) * b].reshape(workers - 1, b)
 
 
 def stack_messages(observations: list[Observation]) -> Observation:
