@@ -3,6 +3,11 @@
 * ``tiny``: the tests' end-to-end run (seconds).
 * ``quick``: the main job on CPU: ConvNet at initialisation, the bundled real
   images, both BatchNorm modes.
+
+``strongest`` units run every applicable attacker (the paper's ``observed``
+one and the compression-aware objectives) as candidates and record each
+candidate's SSIM, so one unit gives the observed, adaptive and strongest
+columns of Table 1.
 * ``paper``: the seed paper's scale (ResNet-18, 24,000 iterations, 16
   shadow models on 20,000-image pools), meant for a GPU.
 """

@@ -56,7 +56,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_enum("preset", "quick", list(PRESETS), "flag defaults: tiny (tests), quick (CPU), paper")
 flags.DEFINE_list("datasets", None, "datasets, e.g. mnist,cifar10,cifar100")
 flags.DEFINE_list("compressors", None, "compressor specs, e.g. none,powersgd:1,topk_level:1")
-flags.DEFINE_list("threat_models", None, "observed and/or adaptive")
+flags.DEFINE_list("threat_models", None, "observed, adaptive and/or strongest (gradinv.THREATS)")
 flags.DEFINE_integer("images", None, "images attacked per dataset and setting")
 flags.DEFINE_integer("victim_batch", 1, "images in one victim batch (B, per worker)")
 flags.DEFINE_integer("group", None, "victim batches attacked together in one program (one unit)")
@@ -106,6 +106,10 @@ flags.DEFINE_integer("process_id", 0, "this process (multi-host)")
 
 class ConfigError(ValueError):
     pass
+
+
+# Compressor kinds whose messages a compression-aware objective can adapt to (objectives.adaptive_objective).
+ADAPTIVE_KINDS = ("powersgd", "topk", "topk_level", "randomk")
 
 
 # What identifies a result cell in the reports, and what else a finished unit's meaning depends on. Within one
@@ -239,8 +243,8 @@ def plan_units(datasets, done_records) -> list[dict]:
         batches = victim_batches(ds, FLAGS.images, FLAGS.victim_batch, FLAGS.workers, FLAGS.seed)
         for spec in FLAGS.compressors:
             for threat in FLAGS.threat_models:
-                if threat == "adaptive" and spec in ("none", "sgd"):
-                    continue  # nothing to adapt to: identical to observed
+                if threat == "adaptive" and spec.partition(":")[0] not in ADAPTIVE_KINDS:
+                    continue  # a dense or quantised message: nothing to adapt to, identical to observed
                 for bn in FLAGS.bn_statistics:
                     for observer in FLAGS.observers:
                         if observer == "aggregate" and threat == "adaptive":
@@ -436,6 +440,9 @@ def run_gradinv_unit(u: dict, ds: data.Dataset, workdir: pathlib.Path, progress:
         psnr=r.per_image["psnr"].tolist(),
         mse=r.per_image["mse"].tolist(),
         matching_loss=r.matching_loss.tolist(),
+        chosen=r.chosen,
+        candidate_ssim={k: v.tolist() for k, v in r.candidate_ssim.items()},
+        upper_bound_ssim=r.upper_bound_ssim.tolist(),
         wire_words=r.wire.words,
         uncompressed_words=sum(int(np.prod(np.shape(p))) for p in jax.tree.leaves(variables["params"])),
         recon=str(recon),

@@ -1,9 +1,11 @@
 """Membership inference: real overfit models leak, unseen ones do not, scores are exact, errors are clear."""
 
 import decimal
+import itertools
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from trustsgd_jax import compress, data, metrics, models, train
 from trustsgd_jax.attacks import membership as mia
@@ -23,17 +25,21 @@ def _model():
 @pytest.fixture(scope="module")
 def overfit():
     x, y = _pool()
+    # The last 200 images (the sample's test split) are RMIA's population: no model trains on them.
+    pool, population = slice(0, len(x) - 200), slice(len(x) - 200, len(x))
     setup = shadows.train_target_and_shadows(
-        x, y, model_fn=_model, compressor_spec="none", num_shadows=6, steps=200, global_batch=64, seed=0
+        x[pool], y[pool], model_fn=_model, compressor_spec="none", num_shadows=6, steps=200, global_batch=64, seed=0
     )
     report = mia.evaluate_membership(
         setup.target_predict,
-        x,
-        y,
+        x[pool],
+        y[pool],
         setup.is_member,
         shadow_predicts=setup.shadow_predicts,
         shadow_in=setup.shadow_in,
         augment="flip",
+        population_images=x[population],
+        population_labels=y[population],
         bootstrap=50,
     )
     return setup, report
@@ -50,6 +56,15 @@ def test_loss_attack_beats_chance_and_lira_beats_loss_at_low_fpr(overfit):
         assert lo <= t[name]["auc"] <= hi
 
 
+def test_rmia_from_the_same_references_beats_chance(overfit):
+    _, report = overfit
+    t = report.table
+    for name in ("rmia_offline", "rmia_online"):
+        assert t[name]["auc"] > 0.6, (name, t[name])
+        assert t[name]["offline_a_tuned"] and t[name]["offline_a"] in mia.OFFLINE_A_GRID
+    print({name: (round(t[name]["auc"], 3), round(t[name]["tpr@1%fpr"], 3)) for name in t})
+
+
 def test_model_that_never_saw_the_members_is_at_chance():
     x, y = _pool()
     rng = np.random.default_rng(1)
@@ -64,9 +79,20 @@ def test_model_that_never_saw_the_members_is_at_chance():
     predict = lambda v: train.predict_logits(model, r.state.params, r.state.batch_stats, v)
     half = rng.permutation(len(x)) < len(x) // 2
     shadow_in = np.stack([half, ~half])  # every example IN once and OUT once
+    population = data.normalize(other.x_test, "cifar100")  # never trained on by any model
     report = mia.evaluate_membership(
-        predict, x, y, is_member, shadow_predicts=[predict, predict], shadow_in=shadow_in, bootstrap=20
+        predict,
+        x,
+        y,
+        is_member,
+        shadow_predicts=[predict, predict],
+        shadow_in=shadow_in,
+        population_images=population,
+        population_labels=other.y_test % 10,
+        rmia_offline_a=0.3,  # two references, each example IN for one: a cannot be tuned on them
+        bootstrap=20,
     )
+    assert {"lira_online", "rmia_offline", "rmia_online"} <= set(report.table)
     for name, m in report.table.items():
         assert abs(m["auc"] - 0.5) < 0.05, (name, m["auc"])
 
@@ -135,6 +161,114 @@ def test_lira_separates_in_from_out_by_hand():
         assert metrics.auc(s, truth) > 0.99
 
 
+def _sd(var):
+    return np.sqrt(var) + 1e-6  # lira_scores' scale: the standard deviation plus 1e-6
+
+
+def test_offline_test_one_sided_or_two_sided():
+    """OUT values -1, 0, 0, 1 (mean 0, variance 1/2): one-sided grows with the target's phi, two-sided flags
+    a phi far below the OUT mean as much as one far above."""
+    out = np.array([[-1.0], [0.0], [0.0], [1.0]]) * np.ones((4, 3))
+    no_in = np.zeros((4, 3), bool)
+    t = np.array([-2.0, 0.0, 2.0])
+    one = mia.lira_scores(t, out, no_in, online=False)
+    two = mia.lira_scores(t, out, no_in, online=False, offline_test="two_sided")
+    np.testing.assert_allclose(one, -stats.norm.logsf(t, 0.0, _sd(0.5)), rtol=1e-12)
+    np.testing.assert_allclose(two, -stats.norm.logpdf(t, 0.0, _sd(0.5)), rtol=1e-12)
+    assert one[0] < one[1] < one[2]
+    assert two[0] == pytest.approx(two[2]) and two[0] > two[1]
+
+
+def test_center_mean_or_median():
+    """OUT values 0, 0, 0, 4: mean 1, median 0; the scale is the spread about the mean (variance 3) for both."""
+    out = np.array([[0.0], [0.0], [0.0], [4.0]]) * np.ones((4, 2))
+    no_in = np.zeros((4, 2), bool)
+    t = np.array([0.5, 2.0])
+    mean = mia.lira_scores(t, out, no_in, online=False)
+    median = mia.lira_scores(t, out, no_in, online=False, center="median")
+    np.testing.assert_allclose(mean, -stats.norm.logsf(t, 1.0, _sd(3.0)), rtol=1e-12)
+    np.testing.assert_allclose(median, -stats.norm.logsf(t, 0.0, _sd(3.0)), rtol=1e-12)
+    # Online: IN values 5, 5, 5, 1 (mean 4, median 5, variance 3) against the OUT values above.
+    phi = np.concatenate([out, np.array([[5.0], [5.0], [5.0], [1.0]]) * np.ones((4, 2))])
+    inn = np.repeat([False, True], 4)[:, None] * np.ones((8, 2), bool)
+    for center, mu_in, mu_out in (("mean", 4.0, 1.0), ("median", 5.0, 0.0)):
+        want = stats.norm.logpdf(t, mu_in, _sd(3.0)) - stats.norm.logpdf(t, mu_out, _sd(3.0))
+        np.testing.assert_allclose(mia.lira_scores(t, phi, inn, center=center), want, rtol=1e-12)
+
+
+def test_global_variance_pooled_within_examples_or_over_all_values():
+    """Two examples, OUT values -1, 1, -1, 1 and 9, 11, 9, 11: each varies by 1 across models (within: variance
+    1), but all eight values spread about their grand mean 5 with variance 26 (the reference's all_values)."""
+    out = np.array([[-1.0, 9.0], [1.0, 11.0], [-1.0, 9.0], [1.0, 11.0]])
+    no_in = np.zeros((4, 2), bool)
+    t = np.array([1.0, 12.0])
+    per_example = mia.lira_scores(t, out, no_in, online=False, global_variance=False)
+    within = mia.lira_scores(t, out, no_in, online=False, global_variance=True)
+    all_values = mia.lira_scores(t, out, no_in, online=False, global_variance=True, variance_pooling="all_values")
+    np.testing.assert_allclose(within, -stats.norm.logsf(t, [0.0, 10.0], _sd(1.0)), rtol=1e-12)
+    np.testing.assert_allclose(per_example, within, rtol=1e-12)  # equal spreads: pooling them changes nothing
+    np.testing.assert_allclose(all_values, -stats.norm.logsf(t, [0.0, 10.0], _sd(26.0)), rtol=1e-12)
+    # Unequal spreads: the per-example variances (1 and 9) differ from their pooled mean (5).
+    wide = np.array([[-1.0, -23.0], [1.0, -17.0], [-1.0, -23.0], [1.0, -17.0]])  # example 1: mean -20, variance 9
+    t2 = np.array([1.0, -17.0])
+    np.testing.assert_allclose(
+        mia.lira_scores(t2, wide, no_in, online=False), -stats.norm.logsf(t2, [0.0, -20.0], [_sd(1.0), _sd(9.0)])
+    )
+    np.testing.assert_allclose(
+        mia.lira_scores(t2, wide, no_in, online=False, global_variance=True),
+        -stats.norm.logsf(t2, [0.0, -20.0], _sd(5.0)),
+    )
+
+
+def test_lira_scores_do_not_depend_on_the_order_of_shadow_models():
+    rng = np.random.default_rng(3)
+    k, n = 8, 300
+    shadow_in = rng.random((k, n)).argsort(0) < k // 2
+    phi = rng.normal(size=(n, 1)) + np.where(shadow_in, 2.0, 0.0)[..., None] + rng.normal(size=(k, n, 2))
+    target = rng.normal(size=(n, 2))
+    perm = rng.permutation(k)
+    for online, test, gv, center, pooling in itertools.product(
+        (True, False), mia.LIRA_OFFLINE_TESTS, (False, True), mia.LIRA_CENTERS, mia.LIRA_VARIANCE_POOLING
+    ):
+        kw = dict(online=online, offline_test=test, global_variance=gv, center=center, variance_pooling=pooling)
+        a = mia.lira_scores(target, phi, shadow_in, **kw)
+        b = mia.lira_scores(target, phi[perm], shadow_in[perm], **kw)
+        np.testing.assert_array_equal(a, b, err_msg=str(kw))
+
+
+def _lookup_models(rng, k, n):
+    """Models as lookup tables over image ids (images are [id] rows): logits [margin, 0], label 0, and a
+    margin that grows by 3 on the examples the model trained on."""
+    base = rng.normal(0.0, 1.0, n)
+    is_member = rng.random(n) < 0.5
+    shadow_in = rng.random((k, n)).argsort(0) < k // 2
+
+    def model(member):
+        table = np.stack([base + 3.0 * member + 0.5 * rng.normal(size=n), np.zeros(n)], 1)
+        return lambda images: table[np.asarray(images)[:, 0].astype(int)]
+
+    images = np.arange(n, dtype=np.float32)[:, None]
+    return images, np.zeros(n, int), is_member, shadow_in, model(is_member), [model(m) for m in shadow_in]
+
+
+def test_global_variance_below_64_references_by_default():
+    images, labels, is_member, shadow_in, target, refs = _lookup_models(np.random.default_rng(4), 16, 300)
+    ev = (target, images, labels, is_member)
+    kw = dict(shadow_predicts=refs, shadow_in=shadow_in, bootstrap=0)
+    default = mia.evaluate_membership(*ev, lira_offline_tests=("one_sided", "two_sided"), **kw)
+    assert mia.LIRA_GLOBAL_VARIANCE_BELOW == 64
+    for name in ("lira_offline", "lira_offline_two_sided", "lira_online"):
+        assert default.table[name]["variance"] == "global", name
+    assert default.table["lira_offline"] != default.table["lira_offline_two_sided"]
+    per_example = mia.evaluate_membership(*ev, global_variance_below=16, **kw)
+    assert "lira_offline_two_sided" not in per_example.table
+    for name in ("lira_offline", "lira_online"):
+        assert per_example.table[name]["variance"] == "per_example", name
+        assert not np.array_equal(default.roc[name][1], per_example.roc[name][1]), name
+    forced = mia.evaluate_membership(*ev, global_variance_below=16, global_variance=True, **kw)
+    assert forced.table["lira_online"] == default.table["lira_online"]
+
+
 def test_bad_inputs_raise():
     with pytest.raises(mia.MembershipError, match="overlap in 2 examples"):
         shadows.check_disjoint([1, 2, 3], [3, 2, 9])
@@ -150,3 +284,15 @@ def test_bad_inputs_raise():
         mia.evaluate_membership(lambda v: v, np.zeros((0, 2)), np.zeros(0, int), np.zeros(0, bool))
     with pytest.raises(mia.MembershipError, match="both members and non-members"):
         mia.attack_metrics(np.ones(3), np.ones(3, bool))
+    options = [
+        (dict(offline_test="one-sided"), "unknown offline_test 'one-sided'; use one of one_sided, two_sided"),
+        (dict(center="mode"), "unknown center 'mode'"),
+        (dict(variance_pooling="pooled"), "unknown variance_pooling 'pooled'"),
+    ]
+    for kwargs, message in options:
+        with pytest.raises(mia.MembershipError, match=message):
+            mia.lira_scores(np.zeros(4), np.zeros((2, 4)), np.array([[True] * 4, [False] * 4]), **kwargs)
+    with pytest.raises(mia.MembershipError, match="some examples have no OUT shadow model"):
+        mia.lira_scores(np.zeros(4), np.zeros((2, 4)), np.ones((2, 4), bool), online=False)
+    with pytest.raises(mia.MembershipError, match="shadow scores .* do not line up"):
+        mia.lira_scores(np.zeros(4), np.zeros((2, 5)), np.ones((2, 4), bool))

@@ -93,7 +93,7 @@ def test_aggregate_observer_sees_the_averaged_update(mnist):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     assert agg.bn == {}
     with pytest.raises(gradinv.AttackError, match="adaptive attacker does not apply"):
-        gradinv.check_threat("adaptive", agg.message)
+        gradinv.threat_objectives("adaptive", agg.message)
 
 
 def test_eval_mode_and_local_batchnorm_send_no_statistics(mnist):

@@ -46,7 +46,7 @@ from trustsgd_jax.attacks import objectives
 from trustsgd_jax.attacks import victim as victim_lib
 from trustsgd_jax.attacks.objectives import AttackError
 
-THREATS = objectives.THREATS
+THREATS = ("observed", "adaptive", "strongest")
 LABEL_MODES = ("known", "idlg")
 
 
@@ -107,7 +107,7 @@ class CompiledAttack(NamedTuple):
 def compile_attack(
     model: nn.Module,
     variables: dict,
-    threat: str,
+    objective: str,
     config: AttackConfig,
     dataset: str,
     image_shape,
@@ -115,25 +115,24 @@ def compile_attack(
     train: bool,
     width: int,
 ) -> CompiledAttack:
-    """Builds the jitted attack for `model` (pass `attack_model(model)` for speed) at `variables`.
+    """Builds the jitted attack minimising `objective` (`objectives.OBJECTIVES`) for `model` at `variables`.
 
-    ``train`` applies BatchNorm with batch statistics (as a train-mode round
-    computed the message) instead of the running averages.
+    Pass `attack_model(model)` for speed. ``train`` applies BatchNorm with
+    batch statistics (as a train-mode round computed the message) instead of
+    the running averages.
     """
-    if threat not in THREATS:
-        raise AttackError(f"unknown threat model {threat!r}; use one of {THREATS}.")
     lo, hi = (jnp.asarray(v, jnp.float32) for v in data_lib.pixel_bounds(dataset))
     rank = objectives.forward_order(model, variables, image_shape) if config.layer_weights == "linear" else None
     weights = objectives.tensor_weights(len(jax.tree.leaves(variables["params"])), config.layer_weights, rank)
-    matching_loss = objectives.matching_loss(model, variables, threat, weights, train)
+    matching_loss = objectives.matching_loss(model, variables, objective, weights, train)
     opt = _optimizer(config)
 
-    def objective(x, msg, y):
+    def total_loss(x, msg, y):
         return matching_loss(x, msg, y) + config.tv * objectives.total_variation(x)
 
     def step(carry, _):
         x, opt_state, msg, y = carry
-        loss, g = jax.value_and_grad(objective)(x, msg, y)
+        loss, g = jax.value_and_grad(total_loss)(x, msg, y)
         updates, opt_state = opt.update(g, opt_state, x)
         x = optax.apply_updates(x, updates)
         if config.boxed:
@@ -178,62 +177,56 @@ def check_message(msg, params) -> None:
         )
 
 
-def check_threat(threat: str, msg) -> None:
-    """A threat model must apply to the message: ``adaptive`` needs a sparse or low-rank message to adapt to."""
+def threat_objectives(threat: str, msg) -> list[str]:
+    """The objectives a threat model runs on this message; a one-line error where it does not apply.
+
+    ``observed``: the paper's attacker. ``adaptive``: the consistent
+    objective of the compressor's family (`objectives.adaptive_objective`).
+    ``strongest``: every applicable objective (`objectives.applicable_objectives`),
+    of which `invert_gradients` keeps, per batch, the reconstruction whose
+    message is closest to the one seen.
+    """
     if threat not in THREATS:
         raise AttackError(f"unknown threat model {threat!r}; use one of {THREATS}.")
-    if threat == "adaptive" and not any(
-        isinstance(m, (compress_lib.Sparse, compress_lib.LowRank)) for m in objectives.message_leaves(msg)
-    ):
+    if threat == "observed":
+        return ["observed"]
+    if threat == "strongest":
+        return objectives.applicable_objectives(msg)
+    adaptive = objectives.adaptive_objective(msg)
+    if adaptive is None:
         raise AttackError(
             "the adaptive attacker does not apply to this message (dense or quantised: nothing to "
-            "adapt to, it would equal 'observed'); use threat='observed'."
+            "adapt to, it would equal 'observed'); use threat='observed' or 'strongest'."
         )
+    return [adaptive]
 
 
-def invert_gradients(
-    model,
-    variables,
-    messages: list,
-    labels,
-    image_shape,
-    dataset: str,
-    *,
-    threat: str = "observed",
-    train: bool = False,
-    config: AttackConfig | None = None,
-    seeds=None,
-    progress: bool = True,
-):
-    """Reconstructs one batch of images per message. Returns (images [N, B, H, W, C] normalised, losses [N]).
+class Inversion(NamedTuple):
+    """What `invert_gradients` found, per attacked batch.
 
-    `messages` are per-parameter message trees (`victim.Observation.message`),
-    `labels` [N, B] the labels the attacker uses. `model` is attacked as
-    given (see `attack_model`). Attack i, restart r starts from noise seeded
-    by (config.seed, seeds[i], r), ``seeds`` defaulting to range(N): a
-    batch's result does not depend on which batches are attacked beside it.
+    ``images`` [N, B, H, W, C] (normalised) is the threat model's
+    reconstruction; ``loss`` [N] its selection criterion (the matching loss,
+    or for ``strongest`` the `objectives.consistency_loss`); ``chosen`` [N]
+    the objective that produced it. ``candidates`` maps each objective run to
+    its own reconstruction [N, B, H, W, C] (its best restart by its matching
+    loss), for the per-candidate scores and the auditor's upper bound.
     """
-    config = config or AttackConfig()
-    for m in messages:
-        check_message(m, variables["params"])
-        check_threat(threat, m)
-    labels = np.asarray(labels, np.int32)
+
+    images: np.ndarray
+    loss: np.ndarray
+    chosen: list[str]
+    candidates: dict[str, np.ndarray]
+
+
+def _run_objective(model, variables, messages, labels, image_shape, dataset, objective, train, config, seeds, bar):
+    """Every (batch, restart) attack with one objective: (x [N, R, B, ...], final matching loss [N, R])."""
     n, b = labels.shape
-    image_shape = tuple(image_shape)
-    seeds = list(range(n)) if seeds is None else [int(s) for s in seeds]
     width = min(config.parallel, n * config.restarts)
-    attack = compile_attack(model, variables, threat, config, dataset, image_shape, train=train, width=width)
+    attack = compile_attack(model, variables, objective, config, dataset, image_shape, train=train, width=width)
     # Attack j = (batch j // R, restart j % R).
     jobs = [(i, r) for i in range(n) for r in range(config.restarts)]
     results_x = np.zeros((len(jobs), b, *image_shape), np.float32)
     results_loss = np.zeros((len(jobs),), np.float32)
-    bar = tqdm(
-        total=len(jobs) * config.iterations,
-        disable=not progress,
-        desc=f"invert ({threat})",
-        unit="it",
-        dynamic_ncols=True,
-    )
     for start in range(0, len(jobs), width):
         group = jobs[start : start + width]
         # Pad the last group to the compiled width (padding attacks repeat the first and are dropped).
@@ -253,11 +246,78 @@ def invert_gradients(
         losses = np.asarray(attack.final_loss(x, msg, y))
         results_x[start : start + len(group)] = np.asarray(x)[: len(group)]
         results_loss[start : start + len(group)] = losses[: len(group)]
-    bar.close()
     results_loss = np.where(np.isfinite(results_loss), results_loss, np.inf)
-    best = results_loss.reshape(n, config.restarts).argmin(1)
-    idx = np.arange(n) * config.restarts + best
-    return results_x[idx], results_loss[idx]
+    return results_x.reshape(n, config.restarts, b, *image_shape), results_loss.reshape(n, config.restarts)
+
+
+def consistency_losses(model, variables, messages: list, labels, candidates: np.ndarray, *, train: bool) -> np.ndarray:
+    """[N, C] `objectives.consistency_loss` of C candidate reconstructions [N, C, B, ...] per message.
+
+    Looks at the messages and the candidates only, never at an original.
+    """
+    loss = jax.jit(jax.vmap(objectives.consistency_loss(model, variables, train), in_axes=(0, None, None)))
+    rows = [loss(jnp.asarray(c), m, jnp.asarray(y)) for c, m, y in zip(candidates, messages, labels, strict=True)]
+    return np.stack([np.asarray(r) for r in rows])
+
+
+def invert_gradients(
+    model,
+    variables,
+    messages: list,
+    labels,
+    image_shape,
+    dataset: str,
+    *,
+    threat: str = "observed",
+    train: bool = False,
+    config: AttackConfig | None = None,
+    seeds=None,
+    progress: bool = True,
+) -> Inversion:
+    """Reconstructs one batch of images per message (see `Inversion`).
+
+    `messages` are per-parameter message trees (`victim.Observation.message`),
+    `labels` [N, B] the labels the attacker uses. `model` is attacked as
+    given (see `attack_model`). Attack i, restart r starts from noise seeded
+    by (config.seed, seeds[i], r), ``seeds`` defaulting to range(N): a
+    batch's result does not depend on which batches are attacked beside it,
+    and every objective starts from the same noise. Restarts of one objective
+    are selected by its matching loss; ``strongest`` selects over every
+    (objective, restart) by the consistency loss.
+    """
+    config = config or AttackConfig()
+    names = threat_objectives(threat, messages[0]) if messages else []
+    for m in messages:
+        check_message(m, variables["params"])
+        if threat_objectives(threat, m) != names:
+            raise AttackError("all messages of one inversion must come from one compressor.")
+    labels = np.asarray(labels, np.int32)
+    n, b = labels.shape
+    image_shape = tuple(image_shape)
+    seeds = list(range(n)) if seeds is None else [int(s) for s in seeds]
+    bar = tqdm(
+        total=len(names) * n * config.restarts * config.iterations,
+        disable=not progress,
+        desc=f"invert ({threat})",
+        unit="it",
+        dynamic_ncols=True,
+    )
+    runs = {
+        name: _run_objective(model, variables, messages, labels, image_shape, dataset, name, train, config, seeds, bar)
+        for name in names
+    }
+    bar.close()
+    rows = np.arange(n)
+    candidates = {name: x[rows, loss.argmin(1)] for name, (x, loss) in runs.items()}
+    if threat != "strongest":
+        x, loss = runs[names[0]]
+        return Inversion(candidates[names[0]], loss.min(1), [names[0]] * n, candidates)
+    every = np.concatenate([x for x, _ in runs.values()], axis=1)  # [N, objectives * restarts, B, ...]
+    consistency = consistency_losses(model, variables, messages, labels, every, train=train)
+    consistency = np.where(np.isfinite(consistency), consistency, np.inf)
+    best = consistency.argmin(1)
+    chosen = [names[j // config.restarts] for j in best]
+    return Inversion(every[rows, best], consistency[rows, best], chosen, candidates)
 
 
 @dataclasses.dataclass
@@ -267,11 +327,14 @@ class AuditResult:
     per_image: dict  # ssim / psnr / mse arrays
     summary: dict  # mean / std of each metric
     labels_used: np.ndarray
-    matching_loss: np.ndarray  # [N] best final cosine loss per attacked batch
+    matching_loss: np.ndarray  # [N] the selection criterion of each batch's reconstruction (see Inversion.loss)
     wire: compress_lib.WireCost  # of the observed message
     threat: str
     iterations: int
     setting: dict  # workers, batch, observer, bn_statistics, batchnorm, step of the attacked round
+    chosen: list[str]  # [N] the objective whose reconstruction the threat model kept, per batch
+    candidate_ssim: dict[str, np.ndarray]  # objective -> per-image SSIM of its own reconstruction
+    upper_bound_ssim: np.ndarray  # per image, the best SSIM of any candidate: an auditor's bound (uses originals)
 
 
 def _validate(model, variables, images, labels, threat, label_mode, config, batch_size):
@@ -368,7 +431,7 @@ def audit(
     messages = [o.message for o in observations]
     if label_mode == "idlg":
         yb = np.stack([labels_lib.infer_labels_idlg(m, num_classes, batch_size) for m in messages])
-    rec, losses = invert_gradients(
+    inv = invert_gradients(
         attack_model(model),
         variables,
         messages,
@@ -382,12 +445,19 @@ def audit(
         progress=progress,
     )
     originals = np.clip(np.asarray(data_lib.denormalize(xb, dataset)), 0, 1)
-    rec01 = np.clip(np.asarray(data_lib.denormalize(rec, dataset)), 0, 1)
-    for i in range(n):
-        rec01[i] = rec01[i][metrics_lib.match(originals[i], rec01[i])]
-    flat_o = originals.reshape(-1, *images.shape[1:])
-    flat_r = rec01.reshape(-1, *images.shape[1:])
-    per_image = metrics_lib.image_scores(flat_o, flat_r)
+
+    def scored(rec):
+        """[0, 1] reconstructions matched to the originals (Hungarian within each batch), flat, and their scores."""
+        rec01 = np.clip(np.asarray(data_lib.denormalize(rec, dataset)), 0, 1)
+        for i in range(n):
+            rec01[i] = rec01[i][metrics_lib.match(originals[i], rec01[i])]
+        flat = rec01.reshape(-1, *images.shape[1:])
+        return flat, metrics_lib.image_scores(originals.reshape(flat.shape), flat)
+
+    flat_r, per_image = scored(inv.images)
+    candidate_ssim = {name: scored(rec)[1]["ssim"] for name, rec in inv.candidates.items()}
+    upper = np.max(np.stack([per_image["ssim"], *candidate_ssim.values()]), axis=0)
+    flat_o = originals.reshape(flat_r.shape)
     summary = {k: metrics_lib.summarize(v) for k, v in per_image.items()}
     setting = dict(
         workers=workers,
@@ -403,9 +473,12 @@ def audit(
         per_image,
         summary,
         np.asarray(yb).reshape(-1),
-        losses,
+        inv.loss,
         compress_lib.message_cost(messages[0]),
         threat,
         config.iterations,
         setting,
+        inv.chosen,
+        candidate_ssim,
+        upper,
     )

@@ -12,7 +12,19 @@ mistake):
   Mentr = -(1 - p_y) log p_y - sum_{i != y} p_i log(1 - p_i);
 * ``lira``: LiRA (Carlini et al. 2022) on the logit-scaled confidence
   phi = log(p_y / (1 - p_y)) = z_y - logsumexp_{i != y} z_i, online (Gaussian
-  IN and OUT fits) or offline (OUT only).
+  IN and OUT fits) or offline (OUT only; the paper's one-sided test or the
+  reference code's two-sided density), with the paper's choices of location,
+  variance and global-variance switch as defaults and the reference code's as
+  named options (`lira_scores`);
+* ``rmia``: RMIA (Zarifzadeh, Liu & Shokri 2024) on p_y, online or offline
+  (the approximation parameter ``a``): the fraction of a population Z of
+  never-trained-on samples z whose pairwise likelihood ratio
+  (p_y(x|theta) / Pr(x)) / (p_y(z|theta) / Pr(z)) is at least gamma
+  (`rmia_scores`, `tune_offline_a`).
+
+LiRA and RMIA take the same inputs, the target's and K reference models'
+scores on the evaluation set and the [K, N] IN mask, RMIA the population's
+scores besides, so both come from one training (`evaluate_membership`).
 
 Every score is computed in float64 from the logits, in a form that keeps the
 tail of confident predictions. With the margin d = z_c - logsumexp_{i != c} z_i
@@ -47,6 +59,7 @@ ROC metrics live in `trustsgd_jax.metrics`, the target and shadow training in
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -160,52 +173,383 @@ def attack_metrics(scores, is_member, threshold: float | None = None, bootstrap:
 
 # ---------------------------------------------------------------- LiRA
 
+LIRA_OFFLINE_TESTS = ("one_sided", "two_sided")
+LIRA_CENTERS = ("mean", "median")
+LIRA_VARIANCE_POOLING = ("within", "all_values")
+# Carlini et al. 2022 estimate one global variance when they have fewer than 64 shadow models.
+LIRA_GLOBAL_VARIANCE_BELOW = 64
 
-def lira_scores(target_phi, shadow_phi, shadow_in, online: bool = True, global_variance: bool = False) -> np.ndarray:
-    """LiRA membership score per example (higher = member).
+
+def _sum_over_references(v: np.ndarray) -> np.ndarray:
+    """Sum over axis 0 (the reference models), sorted first so that the result is bit-identical for any model order."""
+    return np.sort(v, axis=0).sum(0)
+
+
+def _choice(value: str, allowed: tuple[str, ...], what: str) -> str:
+    if value not in allowed:
+        raise MembershipError(f"unknown {what} {value!r}; use one of {', '.join(allowed)}.")
+    return value
+
+
+def _lira_fit(sp, w, global_variance: bool, center: str, pooling: str):
+    """Location and scale of the Gaussian fitted, per example and view, to the values `sp` [K, N, A] where `w`."""
+    count = w.sum(0)  # [N, 1]
+    n = np.maximum(count, 1)
+    mean = _sum_over_references(np.where(w, sp, 0.0)) / n
+    var = _sum_over_references(np.where(w, (sp - mean) ** 2, 0.0)) / n
+    if center == "median":
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # an example with no value here is refused by the caller
+            loc = np.nanmedian(np.where(w, sp, np.nan), axis=0)
+    else:
+        loc = mean
+    if global_variance and pooling == "within":  # per view: the per-example variances, weighted by their counts
+        var = np.broadcast_to((var * count).sum(0) / max(int(count.sum()), 1), var.shape)
+    elif global_variance:  # all_values: every selected value about their grand mean, over examples and views
+        total = max(int(count.sum()) * sp.shape[-1], 1)
+        grand = _sum_over_references(np.where(w, sp, 0.0)).sum() / total
+        var = np.full(var.shape, _sum_over_references(np.where(w, (sp - grand) ** 2, 0.0)).sum() / total)
+    return loc, np.sqrt(var) + 1e-6, count
+
+
+def lira_scores(
+    target_phi,
+    shadow_phi,
+    shadow_in,
+    online: bool = True,
+    global_variance: bool = False,
+    *,
+    offline_test: str = "one_sided",
+    center: str = "mean",
+    variance_pooling: str = "within",
+) -> np.ndarray:
+    """LiRA membership score per example (higher = member), Carlini et al. 2022, "Membership Inference Attacks From
+    First Principles".
+
+    For example x with view a, the K reference (shadow) models give phi values;
+    those of the models that trained on x (IN) and of those that did not (OUT)
+    are each fitted with a Gaussian N(mu, sigma^2). With t the target's phi:
+
+    * online: the log likelihood ratio
+      log N(t; mu_in, sigma_in^2) - log N(t; mu_out, sigma_out^2);
+    * offline, ``offline_test="one_sided"`` (default; the paper, Sec. IV-C):
+      -log Pr[T > t] for T ~ N(mu_out, sigma_out^2), how improbably high the
+      target's confidence is for a model that did not train on x;
+    * offline, ``offline_test="two_sided"``: -log N(t; mu_out, sigma_out^2),
+      the OUT density that tensorflow/privacy's
+      ``research/mi_lira_2021/plot.py`` (``generate_ours_offline``) scores. It
+      also flags a confidence unusually *low* for x, which a member rarely has.
+
+    The score is the mean over the A views.
 
     Args:
       target_phi: [N] or [N, A] logit-scaled confidences of the target model
         (A query augmentations).
       shadow_phi: [K, N] or [K, N, A] the same for K shadow models.
       shadow_in: [K, N] bool, whether shadow k trained on example n.
-      online: fit IN and OUT Gaussians (likelihood ratio); offline: OUT only
-        (one-sided test, how far above the OUT distribution the target is).
-      global_variance: one variance per (IN/OUT, augmentation) shared by all
-        examples, for small K.
+      online: fit IN and OUT Gaussians (needs an IN and an OUT model for every
+        example); offline: OUT only.
+      global_variance: one variance per (IN/OUT, view) shared by all
+        examples instead of one per example. The paper uses it below 64
+        shadow models (`evaluate_membership`'s ``global_variance_below``).
+      center: ``"mean"`` (default) or ``"median"`` of the K values, the
+        Gaussian's location. The mean is the paper's Algorithm 1 (the Gaussian
+        maximum-likelihood fit the test assumes); the reference code's
+        ``plot.py`` takes the median, robust to one outlying model. The scale
+        is the standard deviation about the mean either way, as in both.
+      variance_pooling: with ``global_variance`` only. ``"within"`` (default)
+        pools each example's spread about its own mean (weighted by its number
+        of models), per view; ``"all_values"`` is ``plot.py``'s
+        ``fix_variance``: the spread of all IN (or OUT) values of all examples
+        and views about their grand mean. The default measures what the test
+        needs, how phi of one example varies across models; ``"all_values"``
+        adds the spread between examples' means (easy against hard examples),
+        which widens both Gaussians. (``plot.py``'s online branch also takes
+        the OUT scale from the IN values; each side uses its own values here.)
+
+    Every reduction over the K models is done in sorted order, so the scores
+    are bit-identical under any permutation of the models. Unlike ``plot.py``,
+    which keeps the first min-count models of every example, all models are
+    used.
     """
+    _choice(offline_test, LIRA_OFFLINE_TESTS, "offline_test")
+    _choice(center, LIRA_CENTERS, "center")
+    _choice(variance_pooling, LIRA_VARIANCE_POOLING, "variance_pooling")
     t = np.asarray(target_phi, np.float64)
     sp = np.asarray(shadow_phi, np.float64)
     inn = np.asarray(shadow_in, bool)
     if t.ndim == 1:
         t, sp = t[:, None], sp[..., None]
-    if sp.shape[:2] != inn.shape or sp.shape[1:] != t.shape:
+    if inn.ndim != 2 or sp.shape[:2] != inn.shape or sp.shape[1:] != t.shape:
         raise MembershipError(f"shadow scores {sp.shape}, IN mask {inn.shape} and target {t.shape} do not line up.")
     k = inn.shape[0]
     if online and k < 2:
         raise MembershipError(f"online LiRA needs at least 2 shadow models (IN and OUT fits), got {k}.")
     if k < 1:
         raise MembershipError("LiRA needs at least one shadow model.")
-    w_in, w_out = inn[..., None].astype(np.float64), (~inn)[..., None].astype(np.float64)
-
-    def fit(w):
-        count = w.sum(0)
-        mean = (sp * w).sum(0) / np.maximum(count, 1)
-        var = ((sp - mean) ** 2 * w).sum(0) / np.maximum(count, 1)
-        if global_variance:
-            var = np.broadcast_to((var * count).sum(0) / np.maximum(count.sum(0), 1), var.shape)
-        return mean, np.sqrt(var) + 1e-6, count
-
-    mu_out, sd_out, n_out = fit(w_out)
+    w_in, w_out = inn[..., None], (~inn)[..., None]
+    if online and (not w_in.any(0).all() or not w_out.any(0).all()):
+        raise MembershipError("some examples have no IN or no OUT shadow model: train more shadows (K >= 4).")
+    if not w_out.any(0).all():
+        raise MembershipError("some examples have no OUT shadow model: train more shadows.")
+    mu_out, sd_out, _ = _lira_fit(sp, w_out, global_variance, center, variance_pooling)
     if online:
-        mu_in, sd_in, n_in = fit(w_in)
-        if (n_in == 0).any() or (n_out == 0).any():
-            raise MembershipError("some examples have no IN or no OUT shadow model: train more shadows (K >= 4).")
+        mu_in, sd_in, _ = _lira_fit(sp, w_in, global_variance, center, variance_pooling)
         llr = stats.norm.logpdf(t, mu_in, sd_in) - stats.norm.logpdf(t, mu_out, sd_out)
         return llr.mean(-1)
-    if (n_out == 0).any():
-        raise MembershipError("some examples have no OUT shadow model: train more shadows.")
+    if offline_test == "two_sided":
+        return (-stats.norm.logpdf(t, mu_out, sd_out)).mean(-1)
     return (-stats.norm.logsf(t, mu_out, sd_out)).mean(-1)
+
+
+# ---------------------------------------------------------------- RMIA
+
+RMIA_VIEWS = ("vote", "mean")
+RMIA_GAMMA = 2.0
+OFFLINE_A_GRID = tuple(round(0.1 * i, 1) for i in range(11))
+
+
+def _log_mean_exp(lp: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """log of the mean over axis 0 of exp(lp) where `mask` (every column needs one), in the order-free sorted form."""
+    v = np.sort(np.where(mask, lp, -np.inf), axis=0)
+    return special.logsumexp(v, axis=0) - np.log(np.maximum(mask.sum(0), 1))
+
+
+def _offline_log_prior(log_p_out: np.ndarray, a: float) -> np.ndarray:
+    """log Pr = log(((1 + a) / 2) Pr_OUT + (1 - a) / 2), the offline approximation of RMIA."""
+    with np.errstate(divide="ignore"):  # a = 1: log 0 = -inf, and logaddexp(x, -inf) = x
+        return np.logaddexp(np.log1p(a) - np.log(2.0) + log_p_out, np.log1p(-a) - np.log(2.0))
+
+
+def _fraction_dominated(threshold: np.ndarray, log_rz: np.ndarray) -> np.ndarray:
+    """Per row n, the fraction of population rows z whose views vote log_rz[z] <= threshold[n] in a strict majority."""
+    z, views = log_rz.shape
+    if views == 1:
+        return np.searchsorted(np.sort(log_rz[:, 0]), threshold[:, 0], side="right") / z
+    need = views // 2 + 1
+    out = np.empty(len(threshold))
+    block = max(1, (1 << 24) // max(z * views, 1))  # bounds the [block, Z, A] comparison in memory
+    for s in range(0, len(threshold), block):
+        votes = (log_rz[None] <= threshold[s : s + block, None]).sum(-1)
+        out[s : s + block] = (votes >= need).mean(1)
+    return out
+
+
+def _log_probs(x, name: str, ndim: int) -> np.ndarray:
+    v = np.asarray(x, np.float64)
+    if v.ndim != ndim:
+        raise MembershipError(f"{name} needs {ndim} or {ndim - 1} axes ([models,] samples[, views]), got {v.shape}.")
+    if not np.isfinite(v).all():
+        raise MembershipError(f"{name} holds {int((~np.isfinite(v)).sum())} NaN or infinite log-probabilities.")
+    if (v > 0).any():
+        raise MembershipError(f"{name} must be log-probabilities log p_y <= 0 (not phi or p), got max {v.max():.3g}.")
+    return v
+
+
+def rmia_scores(
+    target_logp,
+    reference_logp,
+    reference_in,
+    population_target_logp,
+    population_reference_logp,
+    *,
+    online: bool = True,
+    offline_a: float | None = None,
+    gamma: float = RMIA_GAMMA,
+    views: str = "vote",
+) -> np.ndarray:
+    """RMIA membership score per example (higher = member): Zarifzadeh, Liu & Shokri, ICML 2024, "Low-Cost
+    High-Power Membership Inference Attacks".
+
+    With Pr(x | theta) = p_y(x), the target model theta's softmax probability
+    of the true label (the ``loss`` score of `membership_scores`, log p_y, in
+    eval mode), and Pr(x) its average over reference models theta':
+
+      LR(x, z) = (Pr(x | theta) / Pr(x)) / (Pr(z | theta) / Pr(z)),
+      score(x) = |{z in Z : LR(x, z) >= gamma}| / |Z|,
+
+    for a population Z of samples that no model (target or reference) trained
+    on. Pr(x) and Pr(z) both stand for the mixture (Pr_IN + Pr_OUT) / 2 of
+    the models that did and did not train on the sample:
+
+    * online, Pr(x) = (Pr_IN(x) + Pr_OUT(x)) / 2, the means over the
+      references that trained on x and those that did not (needs one of each
+      for every x); this is the mean over all references when x is IN for
+      half of them, as `shadows.train_target_and_shadows` arranges;
+    * offline, from OUT references only, Pr_IN is approximated by
+      a Pr_OUT + (1 - a), so Pr(x) = ((1 + a) / 2) Pr_OUT(x) + (1 - a) / 2
+      (a = 1 takes Pr(x) = Pr_OUT(x)).
+
+    No reference trained on a population sample, so Pr(z) is the offline
+    formula over all references in both modes: as ml_privacy_meter computes
+    it for its population (which no model trained on either), and as its
+    2024_rmia README puts it, "p(x) and p(z) from p_OUT(x) and p_OUT(z)". In
+    the paper's own experiments z comes from the pool the references train
+    on, so Pr(z) averages IN and OUT models like Pr(x); the plain OUT mean
+    here would put a never-seen z's ratio near 1 while a non-member x's is
+    below 1, so z would no longer stand for a non-member, and gamma (2 in
+    the paper's configs) would tie most examples at score 0 (a = 1 gives
+    exactly that OUT mean). Online, ``offline_a`` is therefore still needed,
+    for Pr(z) only.
+
+    Since score(x) = F(log r(x) - log gamma), with r(x) = Pr(x | theta) / Pr(x)
+    and F the empirical CDF of log r(z) over Z (with one view), the score is a
+    non-decreasing function of r(x): gamma, ``a`` in Pr(z) and the population
+    change the score's resolution (steps of 1 / |Z|, and ties at 0 or 1 where
+    r(x) / gamma falls outside the population's range) and its meaning as a
+    fraction, not the order of the examples; ties at 1 cost TPR at low FPR.
+
+    Views (query augmentations): ``views="vote"`` (default, the paper's code)
+    compares x and z view by view, LR_a(x, z) >= gamma on view a from view a's
+    probabilities, and counts z when a strict majority of the views agree;
+    ``views="mean"`` averages each model's probabilities over the views first.
+
+    All arithmetic is in float64 log space (log Pr = logsumexp - log count);
+    the references are reduced in sorted order, so the scores are
+    bit-identical under any permutation of the reference models.
+
+    Semantics matched against privacytrustlab/ml_privacy_meter:
+    ``modules/mia/attacks/rmia.py`` (``run_rmia``, ``get_out_ref_signals``,
+    ``tune_offline_a``), ``get_signals.py`` (``get_softmax``: the true label's
+    softmax in eval mode) and, for the paper's experiments,
+    ``research/2024_rmia/main.py`` and its attack configs at commit
+    d32734161a3395211fe5f3cd461932290b1fafbe. Deliberate differences:
+
+    * LR >= gamma as the paper defines it (their code tests LR > gamma);
+    * the plain mean of Pr(x | theta') and temperature 1 (the paper's text
+      and the library's defaults; the research configs use a 20% trimmed
+      mean and, for CIFAR-10, temperature 2);
+    * online Pr(x) weighs IN and OUT halves equally over all references
+      (the research code keeps the first m IN and m OUT models);
+    * offline needs an OUT reference for every x (the library inverts the
+      ``a`` formula when its only reference trained on x);
+    * the default gamma = 2 is that of the research configs (the library
+      uses 1).
+
+    Args:
+      target_logp: [N] or [N, A] log Pr(x | theta) of the target model.
+      reference_logp: [K, N] or [K, N, A] the same for K reference models.
+      reference_in: [K, N] bool, whether reference k trained on example n.
+      population_target_logp: [Z] or [Z, A] log Pr(z | theta) on the
+        population; Z >= 1.
+      population_reference_logp: [K, Z] or [K, Z, A] the same for the
+        references.
+      online: use IN and OUT references (K >= 2); offline uses OUT only
+        (K >= 1) with ``offline_a``.
+      offline_a: a in [0, 1], required (offline for Pr(x) and Pr(z), online
+        for Pr(z)); the paper's configs use 0.3 on CIFAR-10 and 0.6 on
+        CIFAR-100, and `tune_offline_a` picks it from the references.
+      gamma: the threshold on LR(x, z), > 0 (the paper uses gamma >= 1).
+      views: ``"vote"`` or ``"mean"``, see above.
+    """
+    _choice(views, RMIA_VIEWS, "views")
+    if not (np.isfinite(gamma) and gamma > 0):
+        raise MembershipError(f"gamma must be a positive number, got {gamma}.")
+    t = np.asarray(target_logp, np.float64)
+    zt = np.asarray(population_target_logp, np.float64)
+    vec_t, vec_z = t.ndim == 1, zt.ndim == 1
+    t = _log_probs(t[:, None] if vec_t else t, "target_logp", 2)
+    r = _log_probs(np.asarray(reference_logp)[..., None] if vec_t else reference_logp, "reference_logp", 3)
+    zt = _log_probs(zt[:, None] if vec_z else zt, "population_target_logp", 2)
+    zr = _log_probs(
+        np.asarray(population_reference_logp)[..., None] if vec_z else population_reference_logp,
+        "population_reference_logp",
+        3,
+    )
+    inn = np.asarray(reference_in, bool)
+    if inn.ndim != 2 or r.shape[:2] != inn.shape or r.shape[1:] != t.shape:
+        raise MembershipError(f"reference scores {r.shape}, IN mask {inn.shape} and target {t.shape} do not line up.")
+    if zr.shape[1:] != zt.shape or zr.shape[0] != r.shape[0] or zt.shape[1] != t.shape[1]:
+        raise MembershipError(
+            f"population scores {zr.shape} (references) and {zt.shape} (target) do not line up with "
+            f"{r.shape[0]} references and {t.shape[1]} views."
+        )
+    if len(zt) == 0:
+        raise MembershipError("RMIA needs a population of at least one sample that no model trained on.")
+    k = inn.shape[0]
+    if views == "mean":  # each model's probability averaged over the views, then one comparison
+        t, zt, r, zr = (special.logsumexp(v, -1, keepdims=True) - np.log(v.shape[-1]) for v in (t, zt, r, zr))
+    w_in, w_out = inn[..., None], (~inn)[..., None]
+    if offline_a is None or not 0.0 <= offline_a <= 1.0:
+        raise MembershipError(f"RMIA needs offline_a in [0, 1] for Pr(z) (see tune_offline_a), got {offline_a}.")
+    if online:
+        if k < 2:
+            raise MembershipError(f"online RMIA needs at least 2 reference models (IN and OUT), got {k}.")
+        lacking = int((~(w_in.any(0) & w_out.any(0))).sum())
+        if lacking:
+            raise MembershipError(f"online RMIA needs an IN and an OUT reference per example; {lacking} lack one.")
+        log_px = np.logaddexp(_log_mean_exp(r, w_in), _log_mean_exp(r, w_out)) - np.log(2.0)
+    else:
+        if k < 1:
+            raise MembershipError("offline RMIA needs at least one reference model.")
+        lacking = int((~w_out.any(0)).sum())
+        if lacking:
+            raise MembershipError(f"offline RMIA needs an OUT reference for every example; {lacking} have none.")
+        log_px = _offline_log_prior(_log_mean_exp(r, w_out), offline_a)
+    log_pz = _offline_log_prior(_log_mean_exp(zr, np.ones((k, 1, 1), bool)), offline_a)
+    return _fraction_dominated(t - log_px - np.log(gamma), zt - log_pz)
+
+
+def tune_offline_a(
+    reference_logp,
+    reference_in,
+    population_reference_logp,
+    *,
+    gamma: float = RMIA_GAMMA,
+    views: str = "vote",
+    grid=OFFLINE_A_GRID,
+) -> tuple[float, dict[float, float]]:
+    """The offline ``a`` of RMIA that best attacks the reference models themselves: (a, {a: mean AUC}).
+
+    Each reference j in turn plays the target, attacked by offline RMIA with
+    the other references, on the examples that have an OUT model among those
+    others, and scored by AUC against j's known IN/OUT split. The a on `grid`
+    with the highest AUC averaged over the j that have both members and
+    non-members there wins (the smallest such a on a tie). ml_privacy_meter
+    (``tune_offline_a``) does this with one paired model and the grid 0, 0.1,
+    ..., 1; every reference takes the role here, which makes the choice
+    independent of the models' order. Needs K >= 3 when each example is IN
+    for half of the references. Uses only what the attacker knows: the
+    references and their splits, never the target.
+    """
+    r = np.asarray(reference_logp, np.float64)
+    zr = np.asarray(population_reference_logp, np.float64)
+    inn = np.asarray(reference_in, bool)
+    if r.ndim == 2:
+        r = r[..., None]
+    if zr.ndim == 2:
+        zr = zr[..., None]
+    if inn.ndim != 2 or r.shape[:2] != inn.shape or zr.shape[0] != inn.shape[0]:
+        raise MembershipError(f"reference scores {r.shape}, IN mask {inn.shape}, population {zr.shape} do not line up.")
+    k = inn.shape[0]
+    aucs: dict[float, list[float]] = {float(a): [] for a in grid}
+    for j in range(k):
+        others = np.arange(k) != j
+        usable = (~inn[others]).any(0)
+        member = inn[j, usable]
+        if member.all() or not member.any():
+            continue
+        for a in aucs:
+            s = rmia_scores(
+                r[j, usable],
+                r[others][:, usable],
+                inn[others][:, usable],
+                zr[j],
+                zr[others],
+                online=False,
+                offline_a=a,
+                gamma=gamma,
+                views=views,
+            )
+            aucs[a].append(metrics.auc(s, member))
+    if not any(aucs.values()):
+        raise MembershipError(
+            f"cannot tune offline_a from {k} references: none has members and non-members with an OUT model among "
+            "the others (needs K >= 3); pass offline_a."
+        )
+    mean = {a: float(np.sort(v).mean()) for a, v in aucs.items()}
+    best = max(mean, key=lambda a: (mean[a], -a))
+    return best, mean
 
 
 def augmentations(images: np.ndarray, kind: str) -> list[np.ndarray]:
@@ -230,6 +574,30 @@ class MembershipReport:
     roc: dict  # attack -> (fpr, tpr)
 
 
+def check_population_disjoint(images, population_images) -> None:
+    """Raises MembershipError if any population image is byte-identical to an evaluation image.
+
+    Images are compared as float32 arrays, by a hash of their bytes and then
+    exactly. RMIA's population must hold samples that no model trained on;
+    every model here trains on part of the evaluation pool, so a population
+    disjoint from the pool satisfies that. Near-duplicates (an image saved
+    twice with different rounding) are not detected.
+    """
+    a = np.ascontiguousarray(np.asarray(images, np.float32)).reshape(len(images), -1)
+    b = np.ascontiguousarray(np.asarray(population_images, np.float32)).reshape(len(population_images), -1)
+    if a.shape[1] != b.shape[1]:
+        raise MembershipError(f"population images {b.shape[1]} values each, evaluation images {a.shape[1]}.")
+    seen: dict[int, list[int]] = {}
+    for i, row in enumerate(a):
+        seen.setdefault(hash(row.tobytes()), []).append(i)
+    shared = [j for j, row in enumerate(b) if any(np.array_equal(a[i], row) for i in seen.get(hash(row.tobytes()), ()))]
+    if shared:
+        raise MembershipError(
+            f"the population overlaps the evaluation set in {len(shared)} images (e.g. population index "
+            f"{shared[0]}); RMIA's population must be samples that no model trained on."
+        )
+
+
 def evaluate_membership(
     predict: Callable[[np.ndarray], np.ndarray],
     images,
@@ -240,18 +608,54 @@ def evaluate_membership(
     shadow_in=None,
     augment: str = "none",
     global_variance: bool | None = None,
+    global_variance_below: int = LIRA_GLOBAL_VARIANCE_BELOW,
+    lira_offline_tests: tuple[str, ...] = ("one_sided",),
+    lira_center: str = "mean",
+    lira_variance_pooling: str = "within",
+    population_images=None,
+    population_labels=None,
+    rmia_gamma: float = RMIA_GAMMA,
+    rmia_offline_a: float | None = None,
+    rmia_views: str = "vote",
     bootstrap: int = 200,
     seed: int = 0,
 ) -> MembershipReport:
     """Every attack's metrics in one table for a trained target model.
+
+    Rows: the threshold attacks (``confidence``, ``loss``, ``entropy``,
+    ``mentr``); with shadow models, ``lira_offline`` (one-sided),
+    ``lira_offline_two_sided`` (if asked for) and ``lira_online`` (K >= 2);
+    with a population too, ``rmia_offline`` and ``rmia_online`` (K >= 2). LiRA
+    and RMIA are scored from the same K reference (shadow) models and views.
 
     Args:
       predict: images -> eval-mode logits of the target model.
       images, labels, is_member: the evaluation set (members and non-members).
       shadow_predicts, shadow_in: K shadow models' eval-mode predict functions
         and [K, N] masks of which evaluation examples each trained on. They
-        calibrate the thresholds and feed LiRA; without them only the oracle
-        accuracies, AUC and TPR are reported.
+        calibrate the thresholds and feed LiRA and RMIA; without them only the
+        oracle accuracies, AUC and TPR are reported.
+      augment: the query views (`augmentations`), for LiRA, RMIA and the
+        population alike.
+      global_variance: LiRA's global variance on or off; None (default)
+        switches it on when K < ``global_variance_below``.
+      global_variance_below: 64 by default, the LiRA paper's advice for fewer
+        than 64 shadow models; the tables use this default. (It was 16 before
+        issue 14.) The row's ``variance`` field says which was used.
+      lira_offline_tests: which offline LiRA rows: ``"one_sided"`` (row
+        ``lira_offline``, the paper's test, the one the tables show) and/or
+        ``"two_sided"`` (row ``lira_offline_two_sided``, the reference code's
+        plotting density). See `lira_scores`.
+      lira_center, lira_variance_pooling: `lira_scores`' ``center`` and
+        ``variance_pooling``; the defaults (mean, within) are the paper's.
+      population_images, population_labels: RMIA's population Z, samples
+        that no model trained on (checked: none may equal an evaluation
+        image, `check_population_disjoint`). Their scores come from the same
+        predict functions and views.
+      rmia_gamma, rmia_views: `rmia_scores`' ``gamma`` and ``views``.
+      rmia_offline_a: RMIA's a (Pr(x) offline, Pr(z) in both modes); None
+        (default) tunes it on the references (`tune_offline_a`, needs K >= 3).
+        The RMIA rows record the a used and whether it was tuned.
     """
     labels = np.asarray(labels)
     is_member = np.asarray(is_member, bool)
@@ -259,29 +663,88 @@ def evaluate_membership(
         raise MembershipError("the evaluation set is empty.")
     if is_member.all() or not is_member.any():
         raise MembershipError("the evaluation set needs both members and non-members.")
+    for name in lira_offline_tests:
+        _choice(name, LIRA_OFFLINE_TESTS, "LiRA offline test")
+    _choice(lira_center, LIRA_CENTERS, "center")
+    _choice(lira_variance_pooling, LIRA_VARIANCE_POOLING, "variance_pooling")
+    _choice(rmia_views, RMIA_VIEWS, "views")
+    if population_images is not None:
+        if not shadow_predicts:
+            raise MembershipError("RMIA (a population was given) needs reference models: pass shadow_predicts.")
+        if population_labels is None or len(population_labels) != len(population_images):
+            raise MembershipError("population_images need population_labels, one per image.")
+        if len(population_images) == 0:
+            raise MembershipError("the population is empty; RMIA needs at least one sample.")
+        check_population_disjoint(images, population_images)
     views = augmentations(np.asarray(images), augment)
     target = [membership_scores(predict(v), labels) for v in views]
     table, roc = {}, {}
     shadows = None
     if shadow_predicts:
         shadow_in = np.asarray(shadow_in, bool)
+        if shadow_in.shape != (len(shadow_predicts), len(labels)):
+            raise MembershipError(
+                f"shadow_in is {shadow_in.shape}, expected ({len(shadow_predicts)}, {len(labels)}): one row per "
+                "shadow model, one column per evaluation example."
+            )
         shadows = [[membership_scores(p(v), labels) for v in views] for p in shadow_predicts]
+    refs = list(shadow_predicts or [])
+
+    def add(name, s, threshold=None, **info):
+        table[name] = {**attack_metrics(s, is_member, threshold, bootstrap, seed), **info}
+        roc[name] = metrics.roc_curve(s, is_member)[:2]
+
     for name in THRESHOLD_ATTACKS:
         s = target[0][name]
         threshold = None
         if shadows is not None:
             calib_s = np.concatenate([sh[0][name] for sh in shadows])
             threshold = metrics.best_balanced_accuracy(calib_s, shadow_in.reshape(-1))[1]
-        table[name] = attack_metrics(s, is_member, threshold, bootstrap, seed)
-        roc[name] = metrics.roc_curve(s, is_member)[:2]
-    if shadows is not None:
-        t_phi = np.stack([t["phi"] for t in target], -1)
-        s_phi = np.stack([np.stack([v["phi"] for v in sh], -1) for sh in shadows])
-        k = len(shadows)
-        gv = (k < 16) if global_variance is None else global_variance
-        modes = [("lira_offline", False)] + ([("lira_online", True)] if k >= 2 else [])
-        for name, online in modes:
-            s = lira_scores(t_phi, s_phi, shadow_in, online=online, global_variance=gv)
-            table[name] = attack_metrics(s, is_member, 0.0 if online else None, bootstrap, seed)
-            roc[name] = metrics.roc_curve(s, is_member)[:2]
+        add(name, s, threshold)
+    if shadows is None:
+        return MembershipReport(table, roc)
+
+    def stacked(per_view, key):  # [N, A] for one model, [K, N, A] for the shadows
+        return np.stack([v[key] for v in per_view], -1)
+
+    t_phi, s_phi = stacked(target, "phi"), np.stack([stacked(sh, "phi") for sh in shadows])
+    k = len(shadows)
+    gv = (k < global_variance_below) if global_variance is None else global_variance
+    variance = "global" if gv else "per_example"
+
+    def lira(online: bool, test: str = "one_sided") -> np.ndarray:
+        return lira_scores(
+            t_phi,
+            s_phi,
+            shadow_in,
+            online=online,
+            global_variance=gv,
+            offline_test=test,
+            center=lira_center,
+            variance_pooling=lira_variance_pooling,
+        )
+
+    for test in lira_offline_tests:
+        add("lira_offline" if test == "one_sided" else f"lira_offline_{test}", lira(False, test), variance=variance)
+    if k >= 2:
+        add("lira_online", lira(True), 0.0, variance=variance)
+
+    if population_images is not None:
+        pop_labels = np.asarray(population_labels)
+        pop_views = augmentations(np.asarray(population_images), augment)
+        t_lp, s_lp = stacked(target, "loss"), np.stack([stacked(sh, "loss") for sh in shadows])
+        zt_lp = np.stack([membership_scores(predict(v), pop_labels)["loss"] for v in pop_views], -1)
+        zs_lp = np.stack([np.stack([membership_scores(p(v), pop_labels)["loss"] for v in pop_views], -1) for p in refs])
+        tuned = rmia_offline_a is None
+        a = tune_offline_a(s_lp, shadow_in, zs_lp, gamma=rmia_gamma, views=rmia_views)[0] if tuned else rmia_offline_a
+
+        def rmia(online: bool) -> np.ndarray:
+            return rmia_scores(
+                t_lp, s_lp, shadow_in, zt_lp, zs_lp, online=online, offline_a=a, gamma=rmia_gamma, views=rmia_views
+            )
+
+        info = dict(offline_a=a, offline_a_tuned=tuned, gamma=rmia_gamma, views=rmia_views)
+        add("rmia_offline", rmia(False), **info)
+        if k >= 2:
+            add("rmia_online", rmia(True), **info)
     return MembershipReport(table, roc)

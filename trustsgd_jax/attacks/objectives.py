@@ -1,32 +1,20 @@
-"""What a gradient-inversion attacker matches: gradients of dummy images, views of a message, the loss.
+"""What a gradient-inversion attacker matches: gradients of dummy images, views of a message, the losses.
 
-For dummy images x (normalised space) with labels y, the matching loss is::
+For dummy images x (normalised space) with labels y, every matching loss is
+built on the cosine distance of Geiping et al. (NeurIPS 2020)::
 
     1 - <f(x), f*>_w / (||f(x)||_w ||f*||_w)
 
-with the cosine over *all* tensors concatenated (Geiping et al., NeurIPS
-2020; optional per-tensor weights w, `tensor_weights`). The features f depend
-on the threat model:
-
-* ``observed`` (the paper's attacker): f(x) is the dummy model's full
-  parameter gradient, f* = ``decompress(message)``.
-* ``adaptive`` (compression-aware; cf. Aerni et al. 2024): the attacker
-  passes its dummy gradient through the view of the compressor that the
-  message itself defines:
-
-  * Random-K: only the transmitted coordinates (the dummy gradient gathered
-    at the shared indices vs. the sent values).
-  * Top-K: the cosine over the whole gradient against the sparse message
-    (which rewards a dummy gradient whose mass sits on the sent support) plus
-    what the selection implies: no unsent entry exceeds the smallest sent one
-    (`topk_support_penalty`).
-  * PowerSGD: both factors the worker sends, M(x)^T P_hat vs. the sent Q and
-    M(x) Q_prev vs. the sent P. P_hat (the orthonormalised sum of *all*
-    workers' P) and Q_prev are public: every worker receives them.
-  * Tensors sent in full are compared in full. QSGD and sign compression
-    send a quantised copy of the whole tensor; their rounding has no useful
-    derivative, so the adaptive attacker matches the decoded message (the
-    same as ``observed``).
+taken over *all* tensors concatenated (optional per-tensor weights w,
+`tensor_weights`), where f(x) is the dummy gradient seen through a view of
+the message and f* the message in that view. The objectives
+(`matching_loss`) differ in the view: ``observed`` (the paper's attacker)
+compares the whole gradient with the decompressed message; the
+compression-aware objectives compare what the compressor actually sent,
+following the principle that a defence is judged by the best attack that
+knows it (Athalye, Carlini and Wagner 2018; Aerni et al. 2024).
+`consistency_loss` scores a finished reconstruction by the message it would
+send, without any ground truth.
 
 The attacker applies the model as the victim's step did (`param_grads`):
 with ``train=True`` BatchNorm normalises by the statistics of the dummy
@@ -48,7 +36,7 @@ import optax
 
 from trustsgd_jax import compress as compress_lib
 
-THREATS = ("observed", "adaptive")
+OBJECTIVES = ("observed", "factors", "factors_residual", "sent_coordinates", "cosine_support")
 LAYER_WEIGHTS = ("equal", "linear")
 
 
@@ -211,21 +199,52 @@ def message_leaves(msg) -> list:
     return jax.tree.leaves(msg, is_leaf=compress_lib.is_message)
 
 
-def _adaptive_view(m) -> str | None:
-    """Which compression-aware view a message affords: 'shared_indices', 'factors', or None (compare densely)."""
-    if isinstance(m, compress_lib.Sparse) and not m.indices_on_wire:
-        return "shared_indices"
-    if isinstance(m, compress_lib.LowRank):
+def _sent_coordinates(m) -> bool:
+    return isinstance(m, compress_lib.Sparse)
+
+
+def _top_k(m) -> bool:
+    return isinstance(m, compress_lib.Sparse) and m.indices_on_wire
+
+
+def applicable_objectives(msg) -> list[str]:
+    """The objectives that can attack this message: ``observed`` and those of its compressor family."""
+    leaves = message_leaves(msg)
+    out = ["observed"]
+    if any(isinstance(m, compress_lib.LowRank) for m in leaves):
+        out += ["factors", "factors_residual"]
+    if any(_sent_coordinates(m) for m in leaves):
+        out.append("sent_coordinates")
+    if any(_top_k(m) for m in leaves):
+        out.append("cosine_support")
+    return out
+
+
+def adaptive_objective(msg) -> str | None:
+    """The consistent compression-aware objective of the message's family (None: nothing to adapt to)."""
+    leaves = message_leaves(msg)
+    if any(isinstance(m, compress_lib.LowRank) for m in leaves):
         return "factors"
+    if any(_sent_coordinates(m) for m in leaves):
+        return "sent_coordinates"
     return None
 
 
-def target_features(msg, threat: str) -> list:
-    """What the attacker matches: per tensor, the observed array."""
+def _view(m, objective: str) -> str:
+    """How an objective compares one tensor: 'factors', 'gather' (sent coordinates) or 'dense'."""
+    if objective in ("factors", "factors_residual") and isinstance(m, compress_lib.LowRank):
+        return "factors"
+    if objective == "sent_coordinates" and _sent_coordinates(m):
+        return "gather"
+    return "dense"
+
+
+def target_features(msg, objective: str) -> list:
+    """What the attacker matches: per tensor, the observed array in the objective's view."""
     out = []
     for m in message_leaves(msg):
-        view = _adaptive_view(m) if threat == "adaptive" else None
-        if view == "shared_indices":
+        view = _view(m, objective)
+        if view == "gather":
             out.append(m.values)
         elif view == "factors":
             out.append(jnp.concatenate([m.q.reshape(-1), m.p.reshape(-1)]))
@@ -234,12 +253,12 @@ def target_features(msg, threat: str) -> list:
     return out
 
 
-def dummy_features(grads, msg, threat: str) -> list:
+def dummy_features(grads, msg, objective: str) -> list:
     """The dummy gradient passed through the same view of each tensor as `target_features`."""
     out = []
     for g, m in zip(jax.tree.leaves(grads), message_leaves(msg), strict=True):
-        view = _adaptive_view(m) if threat == "adaptive" else None
-        if view == "shared_indices":
+        view = _view(m, objective)
+        if view == "gather":
             out.append(g.reshape(-1)[m.indices])
         elif view == "factors":
             mat = compress_lib.to_matrix(g)
@@ -252,17 +271,13 @@ def dummy_features(grads, msg, threat: str) -> list:
 def topk_support_penalty(grads, msg, dummy_feats, target_feats) -> jax.Array:
     """What Top-K's selection reveals: every unsent entry is at most the smallest sent one.
 
-    With the dummy gradient scaled to the norm of what was sent, the sum over
-    unsent entries of relu(|g_i| - tau)^2, tau the smallest sent magnitude of
-    that tensor, relative to the sent energy. Zero at the true input at the
-    first step; with error memory (step t > 0) the sent entries are those of
-    g + e, so it is approximate there.
+    With the dummy gradient scaled so that its features have the norm of the
+    target's, the sum over unsent entries of relu(|g_i| - tau)^2, tau the
+    smallest sent magnitude of that tensor, relative to the sent energy. Zero
+    at the true input at the first step; with error memory (step t > 0) the
+    sent entries are those of g + e, so it is approximate there.
     """
-    sparse = [
-        (g, m)
-        for g, m in zip(jax.tree.leaves(grads), message_leaves(msg), strict=True)
-        if isinstance(m, compress_lib.Sparse) and m.indices_on_wire
-    ]
+    sparse = [(g, m) for g, m in zip(jax.tree.leaves(grads), message_leaves(msg), strict=True) if _top_k(m)]
     if not sparse:
         return jnp.zeros(())
     sent = sum(jnp.sum(jnp.square(t)) for t in target_feats)
@@ -275,20 +290,116 @@ def topk_support_penalty(grads, msg, dummy_feats, target_feats) -> jax.Array:
     return total / sent
 
 
-def matching_loss(model: nn.Module, variables: dict, threat: str, weights, train: bool):
+def powersgd_residual(grads, msg) -> jax.Array:
+    """Energy of the dummy gradient outside span(P_hat), relative to its whole energy, over PowerSGD's matrices.
+
+    ||(I - P_hat P_hat^T) M(x)||^2 / ||M(x)||^2. The observed cosine
+    penalises this energy implicitly (the decompressed message P_hat Q^T has
+    none); the factor match alone ignores it. It is not zero at the true
+    input (the victim's gradient is not rank r), so adding it trades
+    consistency for that information.
+    """
+    outside, total = jnp.zeros(()), jnp.zeros(())
+    for g, m in zip(jax.tree.leaves(grads), message_leaves(msg), strict=True):
+        if isinstance(m, compress_lib.LowRank):
+            mat = compress_lib.to_matrix(g)
+            inside = m.p_hat @ (m.p_hat.T @ mat)
+            outside = outside + jnp.sum(jnp.square(mat - inside))
+            total = total + jnp.sum(jnp.square(mat))
+    return outside / jnp.maximum(total, 1e-30)
+
+
+def matching_loss(model: nn.Module, variables: dict, objective: str, weights, train: bool):
     """``loss(x, msg, y)``: the attacker's matching loss for dummy images x against a message.
 
-    The observed attacker keeps convolution kernels factored (`Factored`):
-    the full gradient is never formed.
+    Objectives (`OBJECTIVES`):
+
+    * ``observed``: 1 - cos(g(x), decompress(msg)) over all tensors; the
+      convolution kernels stay factored (`Factored`), the full gradient is
+      never formed.
+    * ``factors``: PowerSGD's sent factors, M(x)^T P_hat vs Q and M(x) Q_prev
+      vs P, tensors sent in full compared in full. Zero at the true input
+      whenever the message is a deterministic function of the victim's
+      gradient: at step 0, or with ``error_feedback=False``; with error
+      memory M = g + e and e is unknown. It uses P_hat and Q_prev, which
+      every worker receives, and nothing else of other workers.
+    * ``factors_residual``: ``factors`` + `powersgd_residual`.
+    * ``sent_coordinates``: Top-K or Random-K: the dummy gradient at the sent
+      (Top-K) or shared (Random-K) indices vs the sent values, plus for Top-K
+      `topk_support_penalty`. Zero at the true input at step 0.
+    * ``cosine_support``: the whole-gradient cosine against the sparse
+      message plus `topk_support_penalty` (rewards a dummy gradient whose
+      mass sits on the sent support; not zero at the true input).
+
+    QSGD and sign compression send a quantised copy of every entry; their
+    rounding has no useful derivative, so only ``observed`` (the decoded
+    message) applies to them. With synchronised BatchNorm in train mode the
+    victim's gradient also depends on the other workers' batches, which the
+    attacker does not have: no objective is exactly zero there.
+    """
+    if objective not in OBJECTIVES:
+        raise AttackError(f"unknown objective {objective!r}; use one of {OBJECTIVES}.")
+
+    def loss(x, msg, y):
+        if objective == "observed":
+            return cosine_distance(
+                factored_param_grads(model, variables, x, y, train), target_features(msg, objective), weights
+            )
+        grads = param_grads(model, variables, x, y, train)
+        d, t = dummy_features(grads, msg, objective), target_features(msg, objective)
+        out = cosine_distance(d, t, weights)
+        if objective in ("sent_coordinates", "cosine_support"):
+            out = out + topk_support_penalty(grads, msg, d, t)
+        if objective == "factors_residual":
+            out = out + powersgd_residual(grads, msg)
+        return out
+
+    return loss
+
+
+def simulated_message_features(grads, msg) -> tuple[list, list]:
+    """(features of the compressor applied to `grads`, the same features of the sent message), per tensor.
+
+    The compressor's view of a candidate reconstruction's gradient, with what
+    the protocol makes public (P_hat, Q_prev, the shared Random-K indices,
+    Top-K's k): Top-K keeps the k largest entries of the candidate's own
+    gradient; PowerSGD projects on P_hat and Q_prev; Random-K gathers the
+    shared indices; QSGD compares the decoded message with its expectation
+    (the gradient itself); sign compression with the scaled sign.
+    """
+    sim, sent = [], []
+    for g, m in zip(jax.tree.leaves(grads), message_leaves(msg), strict=True):
+        flat = g.reshape(-1)
+        if isinstance(m, compress_lib.LowRank):
+            mat = compress_lib.to_matrix(g)
+            sim.append(jnp.concatenate([(mat.T @ m.p_hat).reshape(-1), (mat @ m.q_prev).reshape(-1)]))
+            sent.append(jnp.concatenate([m.q.reshape(-1), m.p.reshape(-1)]))
+        elif _top_k(m):
+            idx = jax.lax.top_k(jnp.abs(flat), m.values.shape[0])[1]
+            sim.append(jnp.zeros_like(flat).at[idx].set(flat[idx]))
+            sent.append(m.dense().reshape(-1))
+        elif isinstance(m, compress_lib.Sparse):
+            sim.append(flat[m.indices])
+            sent.append(m.values)
+        elif isinstance(m, compress_lib.Signs):
+            sim.append(jnp.mean(jnp.abs(flat)) * jnp.where(flat >= 0, 1.0, -1.0))
+            sent.append(m.dense().reshape(-1))
+        else:
+            sim.append(flat)
+            sent.append(m.dense().reshape(-1))
+    return sim, sent
+
+
+def consistency_loss(model: nn.Module, variables: dict, train: bool):
+    """``loss(x, msg, y)``: how far the message a candidate x would send is from the message seen.
+
+    1 - cosine between `simulated_message_features` of g(x) and of the sent
+    message, over all tensors with equal weights. It never looks at an
+    original image, so `strongest` can select by it.
     """
 
     def loss(x, msg, y):
-        if threat == "observed":
-            return cosine_distance(
-                factored_param_grads(model, variables, x, y, train), target_features(msg, threat), weights
-            )
-        grads = param_grads(model, variables, x, y, train)
-        d, t = dummy_features(grads, msg, threat), target_features(msg, threat)
-        return cosine_distance(d, t, weights) + topk_support_penalty(grads, msg, d, t)
+        sim, sent = simulated_message_features(param_grads(model, variables, x, y, train), msg)
+        return cosine_distance(sim, sent, [1.0] * len(sim))
 
     return loss

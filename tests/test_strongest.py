@@ -1,0 +1,93 @@
+"""Consistent compression-aware objectives and the `strongest` threat model (issue 12)."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from trustsgd_jax import compress, data, models
+from trustsgd_jax.attacks import gradinv, objectives, victim
+
+SPECS = ["none", "powersgd:1", "powersgd:2", "topk:0.05", "randomk:0.1", "qsgd:4", "signsgd"]
+
+
+@pytest.fixture(scope="module")
+def setting():
+    ds = data.load("cifar10", source="sample")
+    x = data.normalize(ds.x_train[:2, ::2, ::2], "cifar10")  # 16x16 real images keep it fast
+    y = ds.y_train[:2]
+    model = models.make_model("convnet", 10, norm="batch", width=8)
+    variables = models.init_variables(model, jax.random.key(0), (16, 16, 3))
+    return model, variables, x, y
+
+
+def round_message(model, variables, x, y, spec, bn_statistics):
+    """Worker 0's message in a 2-worker round, local BatchNorm: the attacker's model of the victim is exact."""
+    c = compress.from_spec(spec, variables["params"])
+    round_ = victim.make_round(model, c, workers=2, bn_statistics=bn_statistics, batchnorm="local")
+    return round_(variables, x[:, None], y[:, None]).message
+
+
+@pytest.mark.parametrize("bn_statistics", ["eval", "train"])
+@pytest.mark.parametrize("spec", SPECS)
+def test_adaptive_objective_is_zero_at_the_truth_and_larger_away_from_it(setting, spec, bn_statistics):
+    model, variables, x, y = setting
+    msg = round_message(model, variables, x, y, spec, bn_statistics)
+    attacker = gradinv.attack_model(model)
+    train = bn_statistics == "train"
+    victim_x, victim_y = jnp.asarray(x[:1]), jnp.asarray(y[:1])
+    perturbed = victim_x + 0.3 * jax.random.normal(jax.random.key(1), victim_x.shape)
+    names = objectives.applicable_objectives(msg)
+    consistent = [n for n in names if n in ("observed", "factors", "sent_coordinates")]
+    if spec in ("qsgd:4", "signsgd"):  # quantised: only the decoded message, which the quantiser moved
+        assert names == ["observed"] and objectives.adaptive_objective(msg) is None
+        consistent = []
+    if spec == "none":
+        assert names == ["observed"]
+    for name in consistent if spec == "none" else [n for n in consistent if n != "observed"]:
+        weights = [1.0] * len(jax.tree.leaves(variables["params"]))
+        loss = jax.jit(objectives.matching_loss(attacker, variables, name, weights, train))
+        at_truth, away = float(loss(victim_x, msg, victim_y)), float(loss(perturbed, msg, victim_y))
+        chex.assert_trees_all_close(at_truth, 0.0, atol=2e-5)
+        assert away > at_truth + 1e-3, (name, at_truth, away)
+    consistency = jax.jit(objectives.consistency_loss(attacker, variables, train))
+    c_truth, c_away = float(consistency(victim_x, msg, victim_y)), float(consistency(perturbed, msg, victim_y))
+    if spec != "qsgd:4":  # QSGD rounds stochastically: its expectation, not its draw, is the gradient
+        chex.assert_trees_all_close(c_truth, 0.0, atol=2e-5)
+    assert c_away > c_truth
+
+
+def test_unknown_or_inapplicable_threat_fails_with_one_line(setting):
+    model, variables, x, y = setting
+    dense = round_message(model, variables, x, y, "qsgd:4", "eval")
+    for threat, message in (("oracle", "unknown threat model 'oracle'; use one of"), ("adaptive", "does not apply")):
+        with pytest.raises(gradinv.AttackError, match=message) as e:
+            gradinv.threat_objectives(threat, dense)
+        assert "\n" not in str(e.value)
+    assert gradinv.threat_objectives("strongest", dense) == ["observed"]
+
+
+def test_strongest_selects_by_consistency_never_by_the_originals(setting):
+    """The audit's choice equals that of `invert_gradients`, which never receives an image."""
+    model, variables, x, y = setting
+    c = compress.powersgd(1)
+    cfg = gradinv.AttackConfig(iterations=60, chunk=30, restarts=2, parallel=4)
+    other = x[::-1][:, None, None]
+    r = gradinv.audit(model, variables, x, y, c, dataset="cifar10", threat="strongest", config=cfg, workers=2,
+                      other_images=other, other_labels=y[::-1][:, None, None], bn_statistics="eval",
+                      progress=False)
+    assert r.reconstructions.shape == x.shape and len(r.chosen) == 2
+    assert set(r.candidate_ssim) == {"observed", "factors", "factors_residual"}
+    assert set(r.chosen) <= set(r.candidate_ssim)
+    assert np.all(r.upper_bound_ssim >= r.per_image["ssim"] - 1e-6)
+    for name, s in r.candidate_ssim.items():
+        assert np.all(r.upper_bound_ssim >= s - 1e-6), name
+    # The same messages inverted without any image in reach give the same choice.
+    round_ = victim.make_round(model, c, workers=2, bn_statistics="eval")
+    msgs = [round_(variables, np.stack([x[i:i + 1], other[i, 0]]), np.stack([y[i:i + 1], y[::-1][i:i + 1]])).message
+            for i in range(2)]
+    inv = gradinv.invert_gradients(gradinv.attack_model(model), variables, msgs, y[:, None], (16, 16, 3), "cifar10",
+                                   threat="strongest", config=cfg, progress=False)
+    assert inv.chosen == r.chosen
+    np.testing.assert_allclose(inv.loss, r.matching_loss, rtol=1e-6)
