@@ -34,7 +34,7 @@ PRESETS: dict[str, dict] = {
     "quick": dict(
         datasets=["mnist", "cifar10", "cifar100"],
         compressors=["none", "powersgd:1", "topk_level:1", "powersgd:4", "topk_level:4"],
-        threat_models=["observed", "adaptive"],
+        threat_models=["strongest"],
         images=2,
         group=2,
         iterations=400,
@@ -64,7 +64,7 @@ PRESETS: dict[str, dict] = {
             "powersgd:50",
             "topk_level:50",
         ],
-        threat_models=["observed", "adaptive"],
+        threat_models=["strongest"],
         images=10,
         group=10,
         iterations=24000,

@@ -139,18 +139,34 @@ def table1_rows(gradinv_records) -> list[dict]:
         d, c, m = cell
         cols = by[cell]
         observed = cols.get("observed") or cols.get("candidate:observed")
-        adaptive = cols.get("adaptive") or next((cols[f"candidate:{k}"] for k in ADAPTIVE_CANDIDATES
-                                                 if f"candidate:{k}" in cols), None)
+        adaptive = cols.get("adaptive") or next(
+            (cols[f"candidate:{k}"] for k in ADAPTIVE_CANDIDATES if f"candidate:{k}" in cols), None
+        )
         base = by.get((d, "none", m), {})
         base_obs = base.get("observed") or base.get("candidate:observed")
-        row = {"dataset": d, "compressor": c, "bn_statistics": m[0], "observer": m[1],
-               "n_images": len(observed or cols.get("strongest") or adaptive or []),
-               "wire_words": wire[d, c], "wire_ratio": wire[d, c] / full[d]}
-        for key, values in (("ssim", observed), ("adaptive_ssim", adaptive), ("strongest_ssim", cols.get("strongest")),
-                            ("upper_bound_ssim", cols.get("upper_bound"))):
+        row = {
+            "dataset": d,
+            "compressor": c,
+            "bn_statistics": m[0],
+            "observer": m[1],
+            "n_images": len(observed or cols.get("strongest") or adaptive or []),
+            "wire_words": wire[d, c],
+            "wire_ratio": wire[d, c] / full[d],
+        }
+        for key, values in (
+            ("ssim", observed),
+            ("adaptive_ssim", adaptive),
+            ("strongest_ssim", cols.get("strongest")),
+            ("upper_bound_ssim", cols.get("upper_bound")),
+        ):
             if values:
-                row.update({f"{key}_mean": float(np.mean(values)), f"{key}_std": float(np.std(values)),
-                            f"{key}_ci": interval95(values)})
+                row.update(
+                    {
+                        f"{key}_mean": float(np.mean(values)),
+                        f"{key}_std": float(np.std(values)),
+                        f"{key}_ci": interval95(values),
+                    }
+                )
         if observed and base_obs:
             row["pct_of_sgd"] = 100.0 * row["ssim_mean"] / float(np.mean(base_obs))
         if psnr[cell]:
@@ -161,9 +177,24 @@ def table1_rows(gradinv_records) -> list[dict]:
     return rows
 
 
-CSV_FIELDS = ["dataset", "compressor", "bn_statistics", "observer", "n_images", "ssim_mean", "ssim_std",
-              "pct_of_sgd", "psnr_mean", "adaptive_ssim_mean", "adaptive_ssim_std", "strongest_ssim_mean",
-              "strongest_ssim_std", "upper_bound_ssim_mean", "wire_words", "wire_ratio"]
+CSV_FIELDS = [
+    "dataset",
+    "compressor",
+    "bn_statistics",
+    "observer",
+    "n_images",
+    "ssim_mean",
+    "ssim_std",
+    "pct_of_sgd",
+    "psnr_mean",
+    "adaptive_ssim_mean",
+    "adaptive_ssim_std",
+    "strongest_ssim_mean",
+    "strongest_ssim_std",
+    "upper_bound_ssim_mean",
+    "wire_words",
+    "wire_ratio",
+]
 
 
 def _f(v, fmt):
@@ -181,27 +212,54 @@ def _mean_ci(r, key) -> str:
 
 
 def table1_markdown(rows, paper_setting: str) -> str:
-    out = ["# Table 1: gradient inversion (SSIM of reconstructions)", "",
-           f"Setting of this run: {paper_setting}. Each victim batch is worker 0's batch in a real data-parallel "
-           "round; the 'worker' observer sees worker 0's message (with PowerSGD, the P_hat of all workers). "
-           "BatchNorm 'train' mode is what training sends; 'eval' mode (running averages) is Geiping et al.'s setting. Attackers: "
-           "'observed' is the paper's (matches the decompressed message); 'adaptive' the consistent compression-aware "
-           "objective of the compressor's family; 'strongest' keeps, per image, the candidate whose own message is "
-           "closest to the one seen (no ground truth), and names the winners; the 'upper bound' is the best candidate "
-           "per image by SSIM, which only an auditor holding the originals can pick. % of SGD = observed SSIM "
-           "relative to SGD on the same images and mode. Brackets: Student-t 95% intervals of the mean over images.",
-           ""]
+    out = [
+        "# Table 1: gradient inversion (SSIM of reconstructions)",
+        "",
+        f"Setting of this run: {paper_setting}. Each victim batch is worker 0's batch in a real data-parallel "
+        "round; the 'worker' observer sees worker 0's message (with PowerSGD, the P_hat of all workers). "
+        "BatchNorm 'train' mode is what training sends; 'eval' mode (running averages) is Geiping et al.'s "
+        "setting. Attackers: "
+        "'observed' is the paper's (matches the decompressed message); 'adaptive' the consistent compression-aware "
+        "objective of the compressor's family; 'strongest' keeps, per image, the candidate whose own message is "
+        "closest to the one seen (no ground truth), and names the winners; the 'upper bound' is the best candidate "
+        "per image by SSIM, which only an auditor holding the originals can pick. % of SGD = observed SSIM "
+        "relative to SGD on the same images and mode. Brackets: Student-t 95% intervals of the mean over images.",
+        "",
+    ]
     for d in sorted({r["dataset"] for r in rows}, key=_dataset_key):
         for m in sorted({(r["bn_statistics"], r["observer"]) for r in rows if r["dataset"] == d}, key=_mode_key):
             out += [f"## {d}, {mode_label(m)}", ""] + results.markdown_table(
-                ["algorithm", "observed SSIM", "% of SGD", "PSNR dB", "adaptive SSIM", "strongest SSIM",
-                 "strongest's winners", "upper bound", "words/step", "wire ratio", "images"],
-                [[_label(r["compressor"]), _mean_ci(r, "ssim"),
-                  _f(r.get("pct_of_sgd"), ".1f") + ("%" if "pct_of_sgd" in r else ""), _f(r.get("psnr_mean"), ".2f"),
-                  _mean_ci(r, "adaptive_ssim"), _mean_ci(r, "strongest_ssim"),
-                  ", ".join(f"{k} {v}" for k, v in sorted(r.get("winners", {}).items())),
-                  _mean_ci(r, "upper_bound_ssim"), r["wire_words"], f"{r['wire_ratio']:.4f}", r["n_images"]]
-                 for r in rows if r["dataset"] == d and (r["bn_statistics"], r["observer"]) == m])
+                [
+                    "algorithm",
+                    "observed SSIM",
+                    "% of SGD",
+                    "PSNR dB",
+                    "adaptive SSIM",
+                    "strongest SSIM",
+                    "strongest's winners",
+                    "upper bound",
+                    "words/step",
+                    "wire ratio",
+                    "images",
+                ],
+                [
+                    [
+                        _label(r["compressor"]),
+                        _mean_ci(r, "ssim"),
+                        _f(r.get("pct_of_sgd"), ".1f") + ("%" if "pct_of_sgd" in r else ""),
+                        _f(r.get("psnr_mean"), ".2f"),
+                        _mean_ci(r, "adaptive_ssim"),
+                        _mean_ci(r, "strongest_ssim"),
+                        ", ".join(f"{k} {v}" for k, v in sorted(r.get("winners", {}).items())),
+                        _mean_ci(r, "upper_bound_ssim"),
+                        r["wire_words"],
+                        f"{r['wire_ratio']:.4f}",
+                        r["n_images"],
+                    ]
+                    for r in rows
+                    if r["dataset"] == d and (r["bn_statistics"], r["observer"]) == m
+                ],
+            )
             out.append("")
     return "\n".join(out)
 
@@ -385,8 +443,11 @@ def ssim_vs_compression(rows, path):
         for bn, color in (("eval", "tab:blue"), ("train", "tab:red")):
             rs = [r for r in rows if r["dataset"] == d and r["bn_statistics"] == bn]
             for family, marker in (("powersgd", "o"), ("topk_level", "s")):
-                for threat, key, line in (("observed", "ssim_mean", "-"), ("adaptive", "adaptive_ssim_mean", ":"),
-                                          ("strongest", "strongest_ssim_mean", "--")):
+                for threat, key, line in (
+                    ("observed", "ssim_mean", "-"),
+                    ("adaptive", "adaptive_ssim_mean", ":"),
+                    ("strongest", "strongest_ssim_mean", "--"),
+                ):
                     pts = sorted(
                         (r["wire_words"], r[key]) for r in rs if r["compressor"].startswith(family + ":") and key in r
                     )
@@ -501,11 +562,15 @@ def gradinv_claims(rows) -> list[str]:
             )
         strong = [r for r in rows if r["dataset"] == d and "strongest_ssim_mean" in r and "ssim_mean" in r]
         if strong:
-            below = [r for r in strong if (r.get("strongest_ssim_ci") or (r["strongest_ssim_mean"],) * 2)[1]
-                     < r["ssim_mean"]]
-            out.append(f"- Extension, `strongest` at least as strong as the paper's attacker ({d}, within its 95% "
-                       f"interval): {verdict(not below)} in {len(strong) - len(below)} of {len(strong)} cells"
-                       + (f"; below in {', '.join(r['compressor'] for r in below)}" if below else "") + ".")
+            below = [
+                r for r in strong if (r.get("strongest_ssim_ci") or (r["strongest_ssim_mean"],) * 2)[1] < r["ssim_mean"]
+            ]
+            out.append(
+                f"- Extension, `strongest` at least as strong as the paper's attacker ({d}, within its 95% "
+                f"interval): {verdict(not below)} in {len(strong) - len(below)} of {len(strong)} cells"
+                + (f"; below in {', '.join(r['compressor'] for r in below)}" if below else "")
+                + "."
+            )
         ada = [(r["compressor"], r["ssim_mean"], r["adaptive_ssim_mean"]) for r in comp if "adaptive_ssim_mean" in r]
         if ada:
             best = max(ada, key=lambda a: a[2] - a[1])

@@ -74,9 +74,21 @@ def test_strongest_selects_by_consistency_never_by_the_originals(setting):
     c = compress.powersgd(1)
     cfg = gradinv.AttackConfig(iterations=60, chunk=30, restarts=2, parallel=4)
     other = x[::-1][:, None, None]
-    r = gradinv.audit(model, variables, x, y, c, dataset="cifar10", threat="strongest", config=cfg, workers=2,
-                      other_images=other, other_labels=y[::-1][:, None, None], bn_statistics="eval",
-                      progress=False)
+    r = gradinv.audit(
+        model,
+        variables,
+        x,
+        y,
+        c,
+        dataset="cifar10",
+        threat="strongest",
+        config=cfg,
+        workers=2,
+        other_images=other,
+        other_labels=y[::-1][:, None, None],
+        bn_statistics="eval",
+        progress=False,
+    )
     assert r.reconstructions.shape == x.shape and len(r.chosen) == 2
     assert set(r.candidate_ssim) == {"observed", "factors", "factors_residual"}
     assert set(r.chosen) <= set(r.candidate_ssim)
@@ -85,9 +97,20 @@ def test_strongest_selects_by_consistency_never_by_the_originals(setting):
         assert np.all(r.upper_bound_ssim >= s - 1e-6), name
     # The same messages inverted without any image in reach give the same choice.
     round_ = victim.make_round(model, c, workers=2, bn_statistics="eval")
-    msgs = [round_(variables, np.stack([x[i:i + 1], other[i, 0]]), np.stack([y[i:i + 1], y[::-1][i:i + 1]])).message
-            for i in range(2)]
-    inv = gradinv.invert_gradients(gradinv.attack_model(model), variables, msgs, y[:, None], (16, 16, 3), "cifar10",
-                                   threat="strongest", config=cfg, progress=False)
+    msgs = [
+        round_(variables, np.stack([x[i : i + 1], other[i, 0]]), np.stack([y[i : i + 1], y[::-1][i : i + 1]])).message
+        for i in range(2)
+    ]
+    inv = gradinv.invert_gradients(
+        gradinv.attack_model(model),
+        variables,
+        msgs,
+        y[:, None],
+        (16, 16, 3),
+        "cifar10",
+        threat="strongest",
+        config=cfg,
+        progress=False,
+    )
     assert inv.chosen == r.chosen
     np.testing.assert_allclose(inv.loss, r.matching_loss, rtol=1e-6)
