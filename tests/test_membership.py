@@ -60,9 +60,8 @@ def test_rmia_from_the_same_references_beats_chance(overfit):
     _, report = overfit
     t = report.table
     for name in ("rmia_offline", "rmia_online"):
-        assert t[name]["auc"] > 0.6, (name, t[name])
+        assert t[name]["auc"] > 0.75, (name, t[name])
         assert t[name]["offline_a_tuned"] and t[name]["offline_a"] in mia.OFFLINE_A_GRID
-    print({name: (round(t[name]["auc"], 3), round(t[name]["tpr@1%fpr"], 3)) for name in t})
 
 
 def test_model_that_never_saw_the_members_is_at_chance():

@@ -1,5 +1,7 @@
 """RMIA: known answers on synthetic scores, the paper's definition by brute force, order-free references, errors."""
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -31,18 +33,18 @@ def _synthetic(rng, k=8, n=2000, z=500, views=1, member_shift=4.0, target_shift=
 @pytest.mark.parametrize("views", [1, 3])
 def test_separable_members_give_auc_near_one(views):
     tgt, ref, inn, ztgt, zref, truth = _synthetic(np.random.default_rng(0), views=views)
-    for online in (True, False):
-        s = mia.rmia_scores(tgt, ref, inn, ztgt, zref, online=online, offline_a=0.3)
-        assert metrics.auc(s, truth) > 0.99, (online, metrics.auc(s, truth))
+    for online, kind in itertools.product((True, False), mia.RMIA_VIEWS):
+        s = mia.rmia_scores(tgt, ref, inn, ztgt, zref, online=online, offline_a=0.3, views=kind)
+        assert metrics.auc(s, truth) > 0.99, (online, kind, metrics.auc(s, truth))
 
 
 def test_identical_member_and_nonmember_scores_give_chance():
     """The target ignores membership. AUC under the null has sd sqrt((n1 + n2 + 1) / (12 n1 n2)) ~ 0.009 at
     n1 = n2 = 2000; the tolerance 0.04 is over 4 sd."""
-    tgt, ref, inn, ztgt, zref, truth = _synthetic(np.random.default_rng(1), n=4000, target_shift=0.0)
-    for online in (True, False):
-        s = mia.rmia_scores(tgt, ref, inn, ztgt, zref, online=online, offline_a=0.3)
-        assert abs(metrics.auc(s, truth) - 0.5) < 0.04, (online, metrics.auc(s, truth))
+    tgt, ref, inn, ztgt, zref, truth = _synthetic(np.random.default_rng(1), n=4000, views=2, target_shift=0.0)
+    for online, kind in itertools.product((True, False), mia.RMIA_VIEWS):
+        s = mia.rmia_scores(tgt, ref, inn, ztgt, zref, online=online, offline_a=0.3, views=kind)
+        assert abs(metrics.auc(s, truth) - 0.5) < 0.04, (online, kind, metrics.auc(s, truth))
 
 
 def _rmia_by_definition(tgt, ref, inn, ztgt, zref, online, a, gamma, views):

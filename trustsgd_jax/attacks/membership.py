@@ -304,7 +304,7 @@ def lira_scores(
 
 # ---------------------------------------------------------------- RMIA
 
-RMIA_VIEWS = ("vote", "mean")
+RMIA_VIEWS = ("mean", "vote")
 RMIA_GAMMA = 2.0
 OFFLINE_A_GRID = tuple(round(0.1 * i, 1) for i in range(11))
 
@@ -356,7 +356,7 @@ def rmia_scores(
     online: bool = True,
     offline_a: float | None = None,
     gamma: float = RMIA_GAMMA,
-    views: str = "vote",
+    views: str = "mean",
 ) -> np.ndarray:
     """RMIA membership score per example (higher = member): Zarifzadeh, Liu & Shokri, ICML 2024, "Low-Cost
     High-Power Membership Inference Attacks".
@@ -388,7 +388,7 @@ def rmia_scores(
     on, so Pr(z) averages IN and OUT models like Pr(x); the plain OUT mean
     here would put a never-seen z's ratio near 1 while a non-member x's is
     below 1, so z would no longer stand for a non-member, and gamma (2 in
-    the paper's configs) would tie most examples at score 0 (a = 1 gives
+    the paper's configs) would tie many examples at score 0 (a = 1 gives
     exactly that OUT mean). Online, ``offline_a`` is therefore still needed,
     for Pr(z) only.
 
@@ -399,10 +399,15 @@ def rmia_scores(
     r(x) / gamma falls outside the population's range) and its meaning as a
     fraction, not the order of the examples; ties at 1 cost TPR at low FPR.
 
-    Views (query augmentations): ``views="vote"`` (default, the paper's code)
-    compares x and z view by view, LR_a(x, z) >= gamma on view a from view a's
-    probabilities, and counts z when a strict majority of the views agree;
-    ``views="mean"`` averages each model's probabilities over the views first.
+    Views (query augmentations): ``views="mean"`` (default) averages each
+    model's probabilities over the views, Pr(x | theta) = mean_a p_y(x_a),
+    then applies the definition once; ``views="vote"`` is the paper's code
+    (``research/2024_rmia/main.py``): LR_a(x, z) >= gamma on each view a
+    from view a's probabilities, z counted when a strict majority of the
+    views agree. The vote was made for 18 views; with the 2 views of
+    ``augment="flip"`` a strict majority means both, so the score moves in
+    coarser steps and loses the ordering of examples whose views disagree,
+    hence the mean as default. With one view the two coincide.
 
     All arithmetic is in float64 log space (log Pr = logsumexp - log count);
     the references are reduced in sorted order, so the scores are
@@ -431,7 +436,9 @@ def rmia_scores(
       reference_logp: [K, N] or [K, N, A] the same for K reference models.
       reference_in: [K, N] bool, whether reference k trained on example n.
       population_target_logp: [Z] or [Z, A] log Pr(z | theta) on the
-        population; Z >= 1.
+        population; Z >= 1. That no model trained on these samples cannot be
+        seen in scores: `evaluate_membership` checks the images
+        (`check_population_disjoint`).
       population_reference_logp: [K, Z] or [K, Z, A] the same for the
         references.
       online: use IN and OUT references (K >= 2); offline uses OUT only
@@ -440,7 +447,7 @@ def rmia_scores(
         for Pr(z)); the paper's configs use 0.3 on CIFAR-10 and 0.6 on
         CIFAR-100, and `tune_offline_a` picks it from the references.
       gamma: the threshold on LR(x, z), > 0 (the paper uses gamma >= 1).
-      views: ``"vote"`` or ``"mean"``, see above.
+      views: ``"mean"`` (default) or ``"vote"``, see above.
     """
     _choice(views, RMIA_VIEWS, "views")
     if not (np.isfinite(gamma) and gamma > 0):
@@ -496,7 +503,7 @@ def tune_offline_a(
     population_reference_logp,
     *,
     gamma: float = RMIA_GAMMA,
-    views: str = "vote",
+    views: str = "mean",
     grid=OFFLINE_A_GRID,
 ) -> tuple[float, dict[float, float]]:
     """The offline ``a`` of RMIA that best attacks the reference models themselves: (a, {a: mean AUC}).
@@ -510,7 +517,8 @@ def tune_offline_a(
     ..., 1; every reference takes the role here, which makes the choice
     independent of the models' order. Needs K >= 3 when each example is IN
     for half of the references. Uses only what the attacker knows: the
-    references and their splits, never the target.
+    references and their splits, never the target. The a found also serves
+    online RMIA, for Pr(z).
     """
     r = np.asarray(reference_logp, np.float64)
     zr = np.asarray(population_reference_logp, np.float64)
@@ -616,7 +624,7 @@ def evaluate_membership(
     population_labels=None,
     rmia_gamma: float = RMIA_GAMMA,
     rmia_offline_a: float | None = None,
-    rmia_views: str = "vote",
+    rmia_views: str = "mean",
     bootstrap: int = 200,
     seed: int = 0,
 ) -> MembershipReport:
@@ -647,7 +655,8 @@ def evaluate_membership(
         ``"two_sided"`` (row ``lira_offline_two_sided``, the reference code's
         plotting density). See `lira_scores`.
       lira_center, lira_variance_pooling: `lira_scores`' ``center`` and
-        ``variance_pooling``; the defaults (mean, within) are the paper's.
+        ``variance_pooling``; `lira_scores` gives the reasons for the
+        defaults (mean, within).
       population_images, population_labels: RMIA's population Z, samples
         that no model trained on (checked: none may equal an evaluation
         image, `check_population_disjoint`). Their scores come from the same
