@@ -27,9 +27,10 @@ PRESETS: dict[str, dict] = {
         workers=2,
         bn_statistics=["eval"],
         mia=True,
-        mia_shadows=2,
+        mia_shadows=4,
         mia_steps=10,
         mia_pool=256,
+        mia_population=64,
     ),
     "quick": dict(
         datasets=["mnist", "cifar10", "cifar100"],
@@ -47,7 +48,8 @@ PRESETS: dict[str, dict] = {
         mia_compressors=["none", "powersgd:1", "topk_level:1"],
         mia_shadows=4,
         mia_steps=100,
-        mia_pool=1200,
+        mia_pool=1000,
+        mia_population=200,
     ),
     "paper": dict(
         datasets=["cifar10", "cifar100", "mnist"],
@@ -76,5 +78,6 @@ PRESETS: dict[str, dict] = {
         mia_shadows=16,
         mia_steps=3000,
         mia_pool=20000,
+        mia_population=2000,
     ),
 }

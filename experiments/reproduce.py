@@ -91,6 +91,7 @@ flags.DEFINE_list("mia_compressors", None, "compressors for membership inference
 flags.DEFINE_integer("mia_shadows", None, "shadow models per MIA configuration")
 flags.DEFINE_integer("mia_steps", None, "training steps of target and shadow models")
 flags.DEFINE_integer("mia_pool", None, "images in the MIA pool (members + non-members)")
+flags.DEFINE_integer("mia_population", None, "RMIA's population: images after the pool, in no model's training set")
 flags.DEFINE_integer("parallel_models", 1, "target/shadow models trained at once (train.fit_many); >1 on real devices")
 flags.DEFINE_integer("batch_size", 64, "global training batch (victims at --attack_step > 0, MIA models)")
 flags.DEFINE_string("data_source", "auto", "auto | npz | sample | tfds")
@@ -133,7 +134,7 @@ SETTING_FIELDS = {
         "attack_step",
         "train_batch",
     ),
-    "mia": ("model", "seed", "mia_shadows", "mia_steps", "mia_pool", "batch_size", "data_source"),
+    "mia": ("model", "seed", "mia_shadows", "mia_steps", "mia_pool", "mia_population", "batch_size", "data_source"),
 }
 
 
@@ -185,6 +186,16 @@ def validate(params_by_dataset, datasets):
         victim.check_workers(FLAGS.workers)
     except gradinv.AttackError as e:
         raise ConfigError(f"--workers: {e}") from e
+    if FLAGS.mia:
+        if FLAGS.mia_population < 0:
+            raise ConfigError(f"--mia_population must be >= 0, got {FLAGS.mia_population}.")
+        for name in FLAGS.mia_datasets:
+            have = len(datasets[name].x_train) + len(datasets[name].x_test)
+            if FLAGS.mia_pool + FLAGS.mia_population > have:
+                raise ConfigError(
+                    f"--mia_pool={FLAGS.mia_pool} + --mia_population={FLAGS.mia_population} exceeds the {have} images "
+                    f"of {name} ({datasets[name].source}); lower them or pass --data_dir with more data."
+                )
     for name, params in params_by_dataset.items():
         n_train = len(datasets[name].x_train)
         if FLAGS.images > n_train:
@@ -289,6 +300,7 @@ def plan_units(datasets, done_records) -> list[dict]:
                         mia_shadows=FLAGS.mia_shadows,
                         mia_steps=FLAGS.mia_steps,
                         mia_pool=FLAGS.mia_pool,
+                        mia_population=FLAGS.mia_population,
                         batch_size=FLAGS.batch_size,
                         data_source=datasets[name].source,
                     )
@@ -512,9 +524,10 @@ def trained_victim(u: dict, ds: data.Dataset, workdir: pathlib.Path):
 
 def run_mia_unit(u: dict, ds: data.Dataset, workdir: pathlib.Path, parallel_models: int = 1) -> dict:
     """One MIA unit: a pure function of its record `u`; `parallel_models` changes speed, not results."""
-    x = np.concatenate([ds.x_train, ds.x_test])[: u["mia_pool"]]
-    y = np.concatenate([ds.y_train, ds.y_test])[: u["mia_pool"]]
-    x = data.normalize(x, ds.name)
+    pool, population = u["mia_pool"], u["mia_population"]
+    x_all = data.normalize(np.concatenate([ds.x_train, ds.x_test])[: pool + population], ds.name)
+    y_all = np.concatenate([ds.y_train, ds.y_test])[: pool + population]
+    x, y = x_all[:pool], y_all[:pool]
     split = pathlib.Path("roc") / f"{u['key']}_split.npz"
     setup = shadows.train_target_and_shadows(
         x,
@@ -536,6 +549,8 @@ def run_mia_unit(u: dict, ds: data.Dataset, workdir: pathlib.Path, parallel_mode
         shadow_predicts=setup.shadow_predicts,
         shadow_in=setup.shadow_in,
         augment="flip" if ds.name != "mnist" else "none",
+        population_images=x_all[pool:] if population else None,
+        population_labels=y_all[pool:] if population else None,
         bootstrap=200,
         seed=u["seed"],
     )

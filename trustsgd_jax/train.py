@@ -15,7 +15,7 @@ import dataclasses
 import functools
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -180,6 +180,21 @@ def shard_batch(images, labels, num_local: int):
     return images.reshape(num_local, per, *images.shape[1:]), labels.reshape(num_local, per)
 
 
+class StepMessage(NamedTuple):
+    """What one training step put on the wire, for `fit`'s ``on_message``.
+
+    ``variables``: the model (params, batch_stats of device 0) the step
+    started from; ``message``: `make_step`'s message stacked over workers
+    (``grads``, ``bn``, ``update``); ``batch_ids``: [workers, per-worker
+    batch] indices into the training images each worker trained on.
+    """
+
+    step: int
+    variables: dict
+    message: Any
+    batch_ids: np.ndarray
+
+
 @dataclasses.dataclass
 class FitResult:
     state: TrainState  # unreplicated (device 0) params/batch_stats; per-worker comp_state stays stacked
@@ -264,12 +279,15 @@ def fit(
     image_shape=None,
     use_shard_map: bool = False,
     devices: list | None = None,
+    on_message: Callable[[StepMessage], None] | None = None,
 ) -> FitResult:
     """Trains `model` with `compressor` on normalised float images, data-parallel.
 
     Workers are all devices of all processes, or the given local `devices`
     (one process). Each process feeds its slice of every seeded global batch
     to its local devices, so single- and multi-process runs see the same data.
+    ``on_message`` (one process) is called after every step with what went
+    on the wire (`StepMessage`), for observers of a whole run.
     """
     optimizer = optimizer or optax.sgd(0.05, momentum=0.9)
     n_global = len(devices) if devices else jax.device_count()
@@ -277,17 +295,31 @@ def fit(
     per_device = _check_fit_args(steps, global_batch, n_global, len(x_train))
     state = init_state(model, optimizer, compressor, image_shape or x_train.shape[1:], seed)
     wire = step_wire_cost(model, compressor, state, step=max(steps - 1, 0))  # the last step's: after any warm-up
-    step_fn = make_step(model, optimizer, compressor)
+    step_fn = make_step(model, optimizer, compressor, return_message=on_message is not None)
     if use_shard_map:
         run = shard_map_step(step_fn, Mesh(np.array(devices or jax.devices()), (AXIS,)))
     else:
         run = pmap_step(step_fn, devices=devices)
     lo = jax.process_index() * n_local * per_device
     stream = _index_stream(np.arange(len(x_train)), global_batch, seed)
+    fed: list[np.ndarray] = []  # the indices of the batch being fed, for on_message
 
     def batch():
         idx = next(stream)[lo : lo + n_local * per_device]
+        fed[:] = [idx]
         return shard_batch(x_train[idx], y_train[idx], n_local)
+
+    if on_message is not None:
+        if jax.process_count() > 1:
+            raise ValueError("on_message observes one process's workers: run it in a single process.")
+        step_with_message, steps_done = run, [0]
+
+        def run(state, images, labels):
+            before = jax.device_get(unreplicate({"params": state.params, "batch_stats": state.batch_stats}))
+            state, metrics, message = step_with_message(state, images, labels)
+            on_message(StepMessage(steps_done[0], before, message, fed[0].reshape(n_local, per_device)))
+            steps_done[0] += 1
+            return state, metrics
 
     state, history, seconds = _run_steps(
         run,
