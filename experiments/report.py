@@ -130,6 +130,8 @@ def table1_rows(gradinv_records) -> list[dict]:
             by[cell][column] += values
         if r["threat"] == "observed":
             psnr[cell] += r["psnr"]
+        elif r["threat"] == "strongest" and "observed" in r.get("candidate_psnr", {}):
+            psnr[cell] += r["candidate_psnr"]["observed"]
         for name in r.get("chosen", []) if r["threat"] == "strongest" else []:
             winners[cell][name] += 1
         wire[r["dataset"], r["compressor"]] = r["wire_words"]
@@ -394,8 +396,12 @@ def utility_markdown(mrows) -> str:
 
 
 def figure1(gradinv_records, workdir, path):
-    """Originals and observed-attacker reconstructions: one row per image, dataset and BatchNorm mode."""
-    obs = [r for r in gradinv_records if r["threat"] == "observed" and _mode(r)[1] == "worker"]
+    """Originals and observed-attacker reconstructions: one row per image, dataset and BatchNorm mode.
+
+    The observed attacker's images come from its own units or from the
+    ``observed`` candidate of ``strongest`` units.
+    """
+    obs = [r for r in gradinv_records if r["threat"] in ("observed", "strongest") and _mode(r)[1] == "worker"]
     specs = sorted({r["compressor"] for r in obs}, key=_spec_key)
     blocks = []
     for d, bn in sorted(
@@ -408,8 +414,11 @@ def figure1(gradinv_records, workdir, path):
             if not f.exists():
                 continue
             with np.load(f) as z:
+                key = "reconstructions" if r["threat"] == "observed" else "candidate_observed"
+                if key not in z:
+                    continue
                 for i, img_id in enumerate(z["image_ids"]):
-                    imgs[int(img_id)][r["compressor"]] = z["reconstructions"][i]
+                    imgs[int(img_id)][r["compressor"]] = z[key][i]
                     originals[int(img_id)] = z["originals"][i]
         blocks.append((f"{d}\n{bn}", sorted(originals), imgs, originals))
     n_rows = sum(len(b[1]) for b in blocks)

@@ -85,6 +85,13 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_integer("attack_step", 0, "attack at this training step (0: first step, no error memory)")
 flags.DEFINE_string("model", None, "convnet | resnet18")
+flags.DEFINE_enum(
+    "norm",
+    "batch",
+    ["batch", "group", "none"],
+    "the model's normalisation: batch (BatchNorm, "
+    "synchronised or local by --batchnorm), group (GroupNorm) or none: the controls without BatchNorm",
+)
 flags.DEFINE_bool("mia", None, "run membership inference units")
 flags.DEFINE_list("mia_datasets", None, "datasets for membership inference (default: --datasets)")
 flags.DEFINE_list("mia_compressors", None, "compressors for membership inference (default: --compressors)")
@@ -114,7 +121,8 @@ ADAPTIVE_KINDS = ("powersgd", "topk", "topk_level", "randomk")
 
 
 # What identifies a result cell in the reports, and what else a finished unit's meaning depends on. Within one
-# workdir the second must agree across units of a kind (see `check_one_setting`).
+# workdir, SETTING_FIELDS must agree across all units of a kind, PER_CELL_FIELDS across the units of one dataset and
+# compressor (they differ between cells by construction: the data file, PowerSGD's warm-up). See `check_one_setting`.
 CELL_FIELDS = {
     "gradinv": ("dataset", "compressor", "threat", "bn_statistics", "observer"),
     "mia": ("dataset", "compressor"),
@@ -122,20 +130,20 @@ CELL_FIELDS = {
 SETTING_FIELDS = {
     "gradinv": (
         "model",
+        "norm",
         "iterations",
         "restarts",
         "tv",
         "seed",
-        "data_source",
         "workers",
         "victim_batch",
         "batchnorm",
-        "start_iter",
         "attack_step",
         "train_batch",
     ),
-    "mia": ("model", "seed", "mia_shadows", "mia_steps", "mia_pool", "mia_population", "batch_size", "data_source"),
+    "mia": ("model", "norm", "seed", "mia_shadows", "mia_steps", "mia_pool", "mia_population", "batch_size"),
 }
+PER_CELL_FIELDS = {"gradinv": ("data_source", "start_iter"), "mia": ("data_source",)}
 
 
 def apply_preset():
@@ -159,7 +167,7 @@ def unit_key(record: dict) -> str:
 def setting_key(record: dict) -> str:
     """A hash of a gradinv unit's setting: everything but which victim batches it attacks."""
     kind = record["kind"]
-    fields = {k: record.get(k) for k in ("kind", *CELL_FIELDS[kind], *SETTING_FIELDS[kind])}
+    fields = {k: record.get(k) for k in ("kind", *CELL_FIELDS[kind], *SETTING_FIELDS[kind], *PER_CELL_FIELDS[kind])}
     return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -186,6 +194,11 @@ def validate(params_by_dataset, datasets):
         victim.check_workers(FLAGS.workers)
     except gradinv.AttackError as e:
         raise ConfigError(f"--workers: {e}") from e
+    if FLAGS.attack_step > 0 and (FLAGS.batch_size < 1 or FLAGS.batch_size % FLAGS.workers):
+        raise ConfigError(
+            f"--batch_size={FLAGS.batch_size} (the victims' training batch at --attack_step > 0) must be a positive "
+            f"multiple of --workers={FLAGS.workers}."
+        )
     if FLAGS.mia:
         if FLAGS.mia_population < 0:
             raise ConfigError(f"--mia_population must be >= 0, got {FLAGS.mia_population}.")
@@ -200,6 +213,8 @@ def validate(params_by_dataset, datasets):
         n_train = len(datasets[name].x_train)
         if FLAGS.images > n_train:
             raise ConfigError(f"--images={FLAGS.images} exceeds the {n_train} images of {name}.")
+        if FLAGS.attack_step > 0 and FLAGS.batch_size > n_train:
+            raise ConfigError(f"--batch_size={FLAGS.batch_size} exceeds the {n_train} training images of {name}.")
         if FLAGS.workers * FLAGS.victim_batch > n_train:
             raise ConfigError(
                 f"--workers={FLAGS.workers} x --victim_batch={FLAGS.victim_batch} exceeds the {n_train} "
@@ -226,7 +241,7 @@ def prepare():
     params = {}
     for name in FLAGS.datasets:
         ds = datasets[name]
-        model = models.make_model(FLAGS.model, ds.num_classes, norm="batch")
+        model = models.make_model(FLAGS.model, ds.num_classes, norm=FLAGS.norm)
         params[name] = models.init_variables(model, jax.random.key(FLAGS.seed), ds.image_shape)["params"]
     validate(params, datasets)
     return workdir, datasets
@@ -247,14 +262,16 @@ def plan_units(datasets, done_records) -> list[dict]:
     covered: dict[str, set] = {}
     for r in done_records:
         if r.get("kind") == "gradinv":
-            covered.setdefault(setting_key(r), set()).update(tuple(v) for v in r["victim_ids"])
+            covered.setdefault(setting_key(r), set()).update(tuple(v) for v in r.get("victim_ids", []))
     units = []
     for name in FLAGS.datasets:
         ds = datasets[name]
         batches = victim_batches(ds, FLAGS.images, FLAGS.victim_batch, FLAGS.workers, FLAGS.seed)
         for spec in FLAGS.compressors:
             for threat in FLAGS.threat_models:
-                if threat == "adaptive" and spec.partition(":")[0] not in ADAPTIVE_KINDS:
+                kind = spec.partition(":")[0]
+                warming_up = kind == "powersgd" and FLAGS.attack_step < FLAGS.start_iter  # sends its full gradient
+                if threat == "adaptive" and (kind not in ADAPTIVE_KINDS or warming_up):
                     continue  # a dense or quantised message: nothing to adapt to, identical to observed
                 for bn in FLAGS.bn_statistics:
                     for observer in FLAGS.observers:
@@ -268,6 +285,7 @@ def plan_units(datasets, done_records) -> list[dict]:
                             bn_statistics=bn,
                             observer=observer,
                             model=FLAGS.model,
+                            norm=FLAGS.norm,
                             iterations=FLAGS.iterations,
                             restarts=FLAGS.restarts,
                             tv=FLAGS.tv,
@@ -296,6 +314,7 @@ def plan_units(datasets, done_records) -> list[dict]:
                         dataset=name,
                         compressor=spec,
                         model=FLAGS.model,
+                        norm=FLAGS.norm,
                         seed=FLAGS.seed,
                         mia_shadows=FLAGS.mia_shadows,
                         mia_steps=FLAGS.mia_steps,
@@ -317,7 +336,10 @@ def check_one_setting(units, done_records, results_path) -> None:
         for r in done_records:
             if r.get("kind") != kind:
                 continue
-            differ = [f for f in SETTING_FIELDS[kind] if r.get(f) != u.get(f)]
+            fields = list(SETTING_FIELDS[kind])
+            if (r.get("dataset"), r.get("compressor")) == (u["dataset"], u["compressor"]):
+                fields += PER_CELL_FIELDS[kind]
+            differ = [f for f in fields if r.get(f) != u.get(f)]
             if differ:
                 f = differ[0]
                 raise ConfigError(
@@ -393,14 +415,14 @@ def _compressor(u, params):
 
 def run_gradinv_unit(u: dict, ds: data.Dataset, workdir: pathlib.Path, progress: bool = False) -> dict:
     """One gradinv unit: a pure function of its record `u` (and the dataset it names)."""
-    model = models.make_model(u["model"], ds.num_classes, norm="batch")
+    model = models.make_model(u["model"], ds.num_classes, norm=u["norm"])
     variables = models.init_variables(model, jax.random.key(u["seed"]), ds.image_shape)
     compressor = _compressor(u, variables["params"])
     comp_state = None
     if u["attack_step"] > 0:
         variables, comp_state = trained_victim(u, ds, workdir)
     ids = np.asarray(u["victim_ids"])  # [n, B]
-    others = np.asarray(u["worker_ids"])  # [n, N-1, B]
+    others = np.asarray(u["worker_ids"], np.int64).reshape(len(u["victim_ids"]), u["workers"] - 1, -1)  # [n, N-1, B]
     n, b = ids.shape
     x = data.normalize(ds.x_train[ids.reshape(-1)], ds.name)
     y = ds.y_train[ids.reshape(-1)]
@@ -442,6 +464,7 @@ def run_gradinv_unit(u: dict, ds: data.Dataset, workdir: pathlib.Path, progress:
         reconstructions=(r.reconstructions * 255).round().astype(np.uint8),
         originals=(r.originals * 255).round().astype(np.uint8),
         image_ids=ids.reshape(-1),
+        **{f"candidate_{k}": (v * 255).round().astype(np.uint8) for k, v in r.candidate_reconstructions.items()},
     )
     results.write_atomic(workdir / recon, buf.getvalue())
     return dict(
@@ -454,6 +477,7 @@ def run_gradinv_unit(u: dict, ds: data.Dataset, workdir: pathlib.Path, progress:
         matching_loss=r.matching_loss.tolist(),
         chosen=r.chosen,
         candidate_ssim={k: v.tolist() for k, v in r.candidate_ssim.items()},
+        candidate_psnr={k: v.tolist() for k, v in r.candidate_psnr.items()},
         upper_bound_ssim=r.upper_bound_ssim.tolist(),
         wire_words=r.wire.words,
         uncompressed_words=sum(int(np.prod(np.shape(p))) for p in jax.tree.leaves(variables["params"])),
@@ -475,6 +499,7 @@ def trained_victim(u: dict, ds: data.Dataset, workdir: pathlib.Path):
         "compressor",
         "attack_step",
         "model",
+        "norm",
         "seed",
         "train_batch",
         "workers",
@@ -484,7 +509,7 @@ def trained_victim(u: dict, ds: data.Dataset, workdir: pathlib.Path):
     )
     key = hashlib.sha1(json.dumps({f: u[f] for f in fields}, sort_keys=True).encode()).hexdigest()[:16]
     path = (workdir / "victims" / key).absolute()
-    model = victim.data_parallel_model(models.make_model(u["model"], ds.num_classes, norm="batch"), u["batchnorm"])
+    model = victim.data_parallel_model(models.make_model(u["model"], ds.num_classes, norm=u["norm"]), u["batchnorm"])
     initial = models.init_variables(model, jax.random.key(u["seed"]), ds.image_shape)
     compressor = _compressor(u, initial["params"])
     template = {
@@ -532,7 +557,7 @@ def run_mia_unit(u: dict, ds: data.Dataset, workdir: pathlib.Path, parallel_mode
     setup = shadows.train_target_and_shadows(
         x,
         y,
-        model_fn=lambda: models.make_model(u["model"], ds.num_classes, norm="batch", axis_name=train.AXIS),
+        model_fn=lambda: models.make_model(u["model"], ds.num_classes, norm=u["norm"], axis_name=train.AXIS),
         compressor_spec=u["compressor"],
         num_shadows=u["mia_shadows"],
         steps=u["mia_steps"],

@@ -123,6 +123,31 @@ def test_rerun_with_another_group_attacks_every_image_exactly_once(tmp_path):
     assert set(ids) == set(order[:7].tolist())
 
 
+def test_multi_dataset_one_worker_run_resumes_to_nothing_left(tmp_path):
+    """Cells differ in their data file and PowerSGD's warm-up; a rerun of the same flags is no mixed setting."""
+    flags_ = [
+        "--mia=false",
+        "--datasets=mnist,cifar10",
+        "--compressors=none,powersgd:1",
+        "--threat_models=observed",
+        "--iterations=3",
+        "--images=1",
+        "--workers=1",
+        "--start_iter=1",
+    ]
+    first = reproduce(tmp_path, *flags_)
+    assert first.returncode == 0 and "4 units to run" in first.stdout, first.stdout + first.stderr
+    recs = results.read_records(tmp_path / "results.jsonl").records
+    assert {(r["dataset"], r["start_iter"], r["workers"]) for r in recs} == {
+        ("mnist", 0, 1),
+        ("mnist", 1, 1),
+        ("cifar10", 0, 1),
+        ("cifar10", 1, 1),
+    }
+    again = reproduce(tmp_path, *flags_)
+    assert again.returncode == 0 and "0 units to run" in again.stdout, again.stdout + again.stderr
+
+
 def test_rerun_with_another_training_batch_is_refused(tmp_path):
     """At --attack_step > 0 the training batch decides the victim: a second victim in one workdir is refused."""
     common = [
@@ -217,6 +242,7 @@ def test_corrupt_middle_line_raises(tmp_path):
         ("--start_iter=-1", "--start_iter must be >= 0"),
         ("--bn_statistics=frozen", "unknown --bn_statistics 'frozen'"),
         ("--observers=server", "unknown observer 'server'"),
+        ("--attack_step=1 --batch_size=30 --workers=4", "must be a positive multiple of --workers=4"),
         ("--workers=8 --victim_batch=600 --images=600", "exceeds the 4000 training images"),
     ],
 )

@@ -181,3 +181,23 @@ def test_powersgd_warm_up_round_sends_the_full_gradient(mnist):
     assert all(isinstance(m, compress.Dense) for m in jax.tree.leaves(seen, is_leaf=compress.is_message))
     for a, b in zip(jax.tree.leaves(seen), jax.tree.leaves(full), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_round_at_step_t_is_the_runs_own_step_t_message(mnist):
+    """Step t from a real run: the round started from the run's state sends what the run itself sent at step t."""
+    ds = data.load("mnist", source="sample")
+    x, y = data.normalize(ds.x_train[:256], "mnist"), ds.y_train[:256]
+    model = tiny_model()
+    dp = victim.data_parallel_model(model, "local")
+    c = compress.powersgd(rank=1)
+    seen = []
+    devices = jax.local_devices()[:4]
+    train.fit(dp, c, x, y, steps=3, global_batch=32, progress=False, devices=devices, on_message=seen.append)
+    before = train.fit(dp, c, x, y, steps=2, global_batch=32, progress=False, devices=devices).state
+    step2 = seen[2]
+    ids = step2.batch_ids  # [4 workers, 8]
+    round_ = victim.make_round(model, c, workers=4, bn_statistics="train", batchnorm="local")
+    got = round_({"params": before.params, "batch_stats": before.batch_stats}, x[ids], y[ids], before.comp_state)
+    sent = compress.as_sent(compress.worker_message(step2.message["grads"], 0))
+    for a, b in zip(jax.tree.leaves(got.message), jax.tree.leaves(sent), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

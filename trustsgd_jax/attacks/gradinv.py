@@ -328,12 +328,14 @@ class AuditResult:
     summary: dict  # mean / std of each metric
     labels_used: np.ndarray
     matching_loss: np.ndarray  # [N] the selection criterion of each batch's reconstruction (see Inversion.loss)
-    wire: compress_lib.WireCost  # of the observed message
+    wire: compress_lib.WireCost  # of worker 0's gradient message, whatever the observer
     threat: str
     iterations: int
     setting: dict  # workers, batch, observer, bn_statistics, batchnorm, step of the attacked round
     chosen: list[str]  # [N] the objective whose reconstruction the threat model kept, per batch
     candidate_ssim: dict[str, np.ndarray]  # objective -> per-image SSIM of its own reconstruction
+    candidate_psnr: dict[str, np.ndarray]  # objective -> per-image PSNR of its own reconstruction
+    candidate_reconstructions: dict[str, np.ndarray]  # objective -> [N*B, H, W, C] in [0, 1], matched
     upper_bound_ssim: np.ndarray  # per image, the best SSIM of any candidate: an auditor's bound (uses originals)
 
 
@@ -455,7 +457,8 @@ def audit(
         return flat, metrics_lib.image_scores(originals.reshape(flat.shape), flat)
 
     flat_r, per_image = scored(inv.images)
-    candidate_ssim = {name: scored(rec)[1]["ssim"] for name, rec in inv.candidates.items()}
+    candidates = {name: scored(rec) for name, rec in inv.candidates.items()}
+    candidate_ssim = {name: scores["ssim"] for name, (_, scores) in candidates.items()}
     upper = np.max(np.stack([per_image["ssim"], *candidate_ssim.values()]), axis=0)
     flat_o = originals.reshape(flat_r.shape)
     summary = {k: metrics_lib.summarize(v) for k, v in per_image.items()}
@@ -474,11 +477,13 @@ def audit(
         summary,
         np.asarray(yb).reshape(-1),
         inv.loss,
-        compress_lib.message_cost(messages[0]),
+        observations[0].wire,
         threat,
         config.iterations,
         setting,
         inv.chosen,
         candidate_ssim,
+        {name: scores["psnr"] for name, (_, scores) in candidates.items()},
+        {name: rec for name, (rec, _) in candidates.items()},
         upper,
     )

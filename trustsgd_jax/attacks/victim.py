@@ -55,6 +55,7 @@ class Observation(NamedTuple):
 
     message: Any  # per-parameter messages (compress message types), one worker's or the aggregate
     bn: Any  # worker 0's BatchNorm statistics on the wire ({} where none travel)
+    wire: compress_lib.WireCost  # what worker 0's gradient message cost on the wire, whatever the observer
 
 
 def check_setting(observer: str, bn_statistics: str, batchnorm: str) -> None:
@@ -136,14 +137,13 @@ def make_round(
         # Host copies: pmap places each worker's slice itself, wherever the arrays were committed before.
         state = jax.device_get(train_lib.TrainState(shared_params, batch_stats, opt_state, comp_state))
         _, _, msg = run(state, images, labels)
+        # as_sent: PowerSGD's warm-up message becomes the Dense or LowRank that travelled at this step.
+        sent = compress_lib.as_sent(compress_lib.worker_message(msg["grads"], 0))
+        wire = compress_lib.message_cost(sent)
         if observer == "worker":
-            # as_sent: PowerSGD's warm-up message becomes the Dense or LowRank that travelled at this step.
-            return Observation(
-                compress_lib.as_sent(compress_lib.worker_message(msg["grads"], 0)),
-                compress_lib.worker_message(msg["bn"], 0),
-            )
+            return Observation(sent, compress_lib.worker_message(msg["bn"], 0), wire)
         update = compress_lib.worker_message(msg["update"], 0)
-        return Observation(jax.tree.map(compress_lib.Dense, update), {})
+        return Observation(jax.tree.map(compress_lib.Dense, update), {}, wire)
 
     return round_
 
