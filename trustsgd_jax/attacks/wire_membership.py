@@ -10,8 +10,9 @@ data-parallel training:
 * theta_t, the model the step started from (parameters and running
   BatchNorm averages), which every worker holds;
 * with synchronised BatchNorm, the batch statistics the step normalised with:
-  every worker receives their all-reduce, and worker 0's own contribution
-  travels uncompressed beside its message (`train.make_step`'s ``bn``).
+  worker 0's own contribution travels uncompressed beside its message
+  (`train.make_step`'s ``bn``), and their all-reduce, which every worker
+  receives, comes back over the same link.
 
 For a candidate sample (x, y) it asks: was x in worker 0's data? This is the
 membership counterpart of gradient inversion, and the gradient-matching
@@ -62,16 +63,19 @@ candidates:
 * ``mean``: (1/T) sum_t c_t(x), the issue's statistic, which also collects
   the traces error feedback spreads over later steps. A candidate that
   trained at one step of T gets its signal diluted by T.
-* ``max``: max_t z_t(x), z_t(x) = (c_t(x) - median_j c_t(x_j)) / (1.4826
-  MAD_j c_t(x_j)), the median and MAD taken over the N candidates at step t.
-  The membership question has an unknown step (x is in B_t for one t of T,
-  or none); the maximum of standardised per-step statistics is the scan (or
-  generalised likelihood ratio) statistic for one unknown location.
-  Standardising per step puts steps whose messages align with every sample
-  (early training) on the scale of the others; median and MAD are robust to
-  the few members (|B_t| of N) each step holds. It makes a candidate's score
-  depend on the other candidates scored with it, as any population-
-  normalised score does.
+* ``max``: max_t u_t(x), u_t(x) the percentile of c_t(x) among the N
+  candidates at step t (rank / N, ties averaged), ties of the maximum broken
+  by the mean percentile (the default). The membership question has an
+  unknown step (x is in B_t for one t of T, or in none), and without error
+  memory a member's gradient enters one message of T, which the mean
+  dilutes T times; the maximum over locations of per-step statistics put on
+  one scale is the scan (generalised likelihood ratio) statistic for a
+  signal at one unknown location. Percentiles make the steps comparable without a model of
+  their spread: steps whose message aligns with every sample (early
+  training) do not dominate, and each step's few members (|B_t| of N) barely
+  move its ranks. It makes a candidate's score depend on the other
+  candidates scored with it, as any population-normalised score does, and
+  it weakens as T grows (the maximum of T null percentiles rises).
 
 BatchNorm (``bn``). Training normalises with the statistics of the global
 batch (all workers, synchronised BatchNorm), which a lone candidate cannot
@@ -113,6 +117,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from scipy import stats
 
 from trustsgd_jax import compress as compress_lib
 from trustsgd_jax import train as train_lib
@@ -122,7 +127,6 @@ from trustsgd_jax.attacks.membership import MembershipError
 VIEWS = ("observed", "compressor")
 BN_MODES = ("step", "running", "sample")
 AGGREGATES = ("mean", "max")
-MAD_TO_SIGMA = 1.4826  # 1 / Phi^-1(3/4): MAD * this estimates a Gaussian's standard deviation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,10 +155,6 @@ class WireRecording:
         if not self.steps:
             return np.zeros((0,), np.int64)
         return np.unique(np.concatenate([s.member_ids for s in self.steps]))
-
-
-def _fail(message: str) -> MembershipError:
-    return MembershipError(message)
 
 
 def step_bn_stats(batch_stats: dict, wire_bn: dict) -> dict | None:
@@ -210,11 +210,11 @@ def record_run(
     """
     x, y = np.asarray(x), np.asarray(y)
     if x.ndim < 2 or y.shape != (len(x),):
-        raise _fail(f"record_run needs images [N, ...] and labels [N]; got {x.shape} and {y.shape}.")
+        raise MembershipError(f"record_run needs images [N, ...] and labels [N]; got {x.shape} and {y.shape}.")
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise _fail(f"record_run: steps must be an integer >= 1, got {steps!r}.")
+        raise MembershipError(f"record_run: steps must be an integer >= 1, got {steps!r}.")
     if not 1 <= workers <= jax.local_device_count():
-        raise _fail(
+        raise MembershipError(
             f"record_run: workers={workers} needs that many local devices (there are {jax.local_device_count()}); "
             "on CPU set XLA_FLAGS=--xla_force_host_platform_device_count before JAX starts."
         )
@@ -257,7 +257,7 @@ def scoring_model(model: nn.Module) -> nn.Module:
 
 def _check_choice(value: str, allowed: tuple[str, ...], what: str) -> None:
     if value not in allowed:
-        raise _fail(f"unknown {what} {value!r}; use one of {', '.join(allowed)}.")
+        raise MembershipError(f"unknown {what} {value!r}; use one of {', '.join(allowed)}.")
 
 
 def _scoring_variables(step: WireStep, bn: str) -> tuple[dict, bool]:
@@ -268,7 +268,7 @@ def _scoring_variables(step: WireStep, bn: str) -> tuple[dict, bool]:
         return variables, bn == "sample"
     if bn == "step":
         if step.bn_stats is None:
-            raise _fail(
+            raise MembershipError(
                 f"bn='step' needs the step's BatchNorm statistics, which did not travel at step {step.step} "
                 "(BatchNorm local to each worker?): use bn='running' or bn='sample'."
             )
@@ -313,16 +313,18 @@ def _chunk_similarities(model, variables, message, xs, ys, train: bool, views: t
 
 def _check_candidates(recording: WireRecording, x, y) -> tuple[np.ndarray, np.ndarray]:
     if not isinstance(recording, WireRecording):
-        raise _fail(f"expected a WireRecording (from record_run), got {type(recording).__name__}.")
+        raise MembershipError(f"expected a WireRecording (from record_run), got {type(recording).__name__}.")
     if not recording.steps:
-        raise _fail("the recording holds no steps: record at least one step (record_run(..., steps>=1)).")
+        raise MembershipError("the recording holds no steps: record at least one step (record_run(..., steps>=1)).")
     x, y = np.asarray(x, np.float32), np.asarray(y)
     if x.ndim < 2 or y.shape != (len(x),) or not len(x):
-        raise _fail(f"candidates need images [N, ...] and labels [N], N >= 1; got {x.shape} and {y.shape}.")
+        raise MembershipError(f"candidates need images [N, ...] and labels [N], N >= 1; got {x.shape} and {y.shape}.")
     if tuple(x.shape[1:]) != tuple(recording.image_shape):
-        raise _fail(f"candidate images have shape {x.shape[1:]}, the recorded run trained on {recording.image_shape}.")
+        raise MembershipError(
+            f"candidate images have shape {x.shape[1:]}, the recorded run trained on {recording.image_shape}."
+        )
     if not np.issubdtype(y.dtype, np.integer):
-        raise _fail(f"candidate labels must be integers, got dtype {y.dtype}.")
+        raise MembershipError(f"candidate labels must be integers, got dtype {y.dtype}.")
     return x, y.astype(np.int32)
 
 
@@ -344,12 +346,12 @@ def wire_similarities(
     """
     views = tuple(views)
     if not views:
-        raise _fail(f"give at least one view of {VIEWS}.")
+        raise MembershipError(f"give at least one view of {VIEWS}.")
     for v in views:
         _check_choice(v, VIEWS, "view")
     _check_choice(bn, BN_MODES, "BatchNorm mode (bn)")
     if chunk < 1:
-        raise _fail(f"chunk must be >= 1, got {chunk}.")
+        raise MembershipError(f"chunk must be >= 1, got {chunk}.")
     x, y = _check_candidates(recording, candidates_x, candidates_y)
     run = scoring_model(model)
     n = len(x)
@@ -374,13 +376,13 @@ def aggregate(similarities: np.ndarray, how: str = "max") -> np.ndarray:
     _check_choice(how, AGGREGATES, "aggregate")
     c = np.asarray(similarities, np.float64)
     if c.ndim != 2 or 0 in c.shape:
-        raise _fail(f"similarities must be [steps, candidates] with both >= 1, got shape {c.shape}.")
+        raise MembershipError(f"similarities must be [steps, candidates] with both >= 1, got shape {c.shape}.")
     if how == "mean":
         return c.mean(0)
-    center = np.median(c, axis=1, keepdims=True)
-    spread = MAD_TO_SIGMA * np.median(np.abs(c - center), axis=1, keepdims=True)
-    z = np.where(spread > 0, (c - center) / np.where(spread > 0, spread, 1.0), 0.0)
-    return z.max(0)
+    # Percentile of each candidate among the candidates at each step (average ranks for ties), in (0, 1].
+    u = stats.rankdata(c, method="average", axis=1) / c.shape[1]
+    # Max first, the mean breaks its ties: distinct maxima differ by >= 1 / (2N) >= the tie-breaker (= only at the top).
+    return u.max(0) + u.mean(0) / (2 * c.shape[1])
 
 
 def wire_scores(
@@ -394,7 +396,11 @@ def wire_scores(
     how: str = "max",
     chunk: int = 128,
 ) -> np.ndarray:
-    """[N] wire-MIA scores of the candidates (higher = in worker 0's data): `aggregate` of `wire_similarities`."""
+    """[N] wire-MIA scores of the candidates (higher = in worker 0's data): `aggregate` of `wire_similarities`.
+
+    Defaults: the ``observed`` view, BatchNorm with the step's own statistics
+    (``bn="step"``) and the ``max`` aggregation (module docstring).
+    """
     _check_choice(view, VIEWS, "view")
     _check_choice(how, AGGREGATES, "aggregate")
     sims = wire_similarities(model, recording, candidates_x, candidates_y, views=(view,), bn=bn, chunk=chunk)
