@@ -25,23 +25,12 @@ from absl import app, flags
 from scipy import stats
 
 from experiments import paper_values
+from experiments.presets import PRESETS
 from trustsgd_jax import results
 
 matplotlib.use("Agg")  # the reports are files, never a window (pyplot resolves its backend at the first figure)
 
-SPEC_ORDER = [
-    "none",
-    "powersgd:1",
-    "topk_level:1",
-    "powersgd:2",
-    "topk_level:2",
-    "powersgd:4",
-    "topk_level:4",
-    "powersgd:30",
-    "topk_level:30",
-    "powersgd:50",
-    "topk_level:50",
-]
+SPEC_ORDER = PRESETS["paper"]["compressors"]  # the paper's order of algorithms
 DATASET_ORDER = ["cifar10", "cifar100", "mnist"]
 
 

@@ -422,8 +422,8 @@ def run_gradinv_unit(u: dict, ds: data.Dataset, workdir: pathlib.Path, progress:
     if u["attack_step"] > 0:
         variables, comp_state = trained_victim(u, ds, workdir)
     ids = np.asarray(u["victim_ids"])  # [n, B]
-    others = np.asarray(u["worker_ids"], np.int64).reshape(len(u["victim_ids"]), u["workers"] - 1, -1)  # [n, N-1, B]
     n, b = ids.shape
+    others = np.asarray(u["worker_ids"], np.int64).reshape(n, u["workers"] - 1, b)  # [n, N-1, B]
     x = data.normalize(ds.x_train[ids.reshape(-1)], ds.name)
     y = ds.y_train[ids.reshape(-1)]
     ox = data.normalize(ds.x_train[others.reshape(-1)], ds.name).reshape(*others.shape, *ds.image_shape)

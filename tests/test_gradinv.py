@@ -35,7 +35,7 @@ def ssim_by_setting(cifar):
         ("none", "observed"),
         ("powersgd:1", "observed"),
         ("topk_level:1", "observed"),
-        ("topk_level:1", "adaptive"),
+        ("topk_level:1", "strongest"),
     ]:
         r = gradinv.audit(
             model,
@@ -62,8 +62,9 @@ def test_powersgd_rank1_leaks_clearly_less(ssim_by_setting):
     assert ssim_by_setting["powersgd:1", "observed"] < ssim_by_setting["none", "observed"] - 0.2, ssim_by_setting
 
 
-def test_adaptive_attacker_does_at_least_as_well_on_topk(ssim_by_setting):
-    assert ssim_by_setting["topk_level:1", "adaptive"] >= ssim_by_setting["topk_level:1", "observed"] - 0.01, (
+def test_strongest_attacker_does_at_least_as_well_as_observed_on_topk(ssim_by_setting):
+    """`strongest` runs `observed` among its candidates (same seeds) and picks by consistency, never by SSIM."""
+    assert ssim_by_setting["topk_level:1", "strongest"] >= ssim_by_setting["topk_level:1", "observed"] - 0.02, (
         ssim_by_setting
     )
 
@@ -120,8 +121,8 @@ def test_adaptive_powersgd_matches_projected_gradient(cifar):
     msg = one_worker_message(model, variables, x, y, compress.powersgd(2))
     grads = objectives.param_grads(model, variables, x, y)
     # At the true image the adaptive features coincide: M(x)^T P_hat == sent Q.
-    a = objectives.dummy_features(grads, msg, "adaptive")
-    b = objectives.target_features(msg, "adaptive")
+    a = objectives.dummy_features(grads, msg, "factors")
+    b = objectives.target_features(msg, "factors")
     assert float(objectives.cosine_distance(a, b, [1.0] * len(a))) < 1e-5
     assert any(isinstance(m, compress.LowRank) for m in objectives.message_leaves(msg))
 
