@@ -76,7 +76,12 @@ flags.DEFINE_list(
     "BatchNorm mode(s) of the attacked round: train (what training sends) "
     "and/or eval (running averages, Geiping et al.'s setting)",
 )
-flags.DEFINE_list("observers", ["worker"], "observer(s): worker (worker 0's own message) and/or aggregate")
+flags.DEFINE_list(
+    "observers",
+    ["worker"],
+    "observer(s): worker (worker 0's own message), aggregate (the averaged update) and/or "
+    "peer (the aggregate less worker N-1's own contribution)",
+)
 flags.DEFINE_integer(
     "start_iter",
     0,
@@ -275,7 +280,7 @@ def plan_units(datasets, done_records) -> list[dict]:
                     continue  # a dense or quantised message: nothing to adapt to, identical to observed
                 for bn in FLAGS.bn_statistics:
                     for observer in FLAGS.observers:
-                        if observer == "aggregate" and threat == "adaptive":
+                        if observer != "worker" and threat == "adaptive":
                             continue  # the aggregate is a dense mixture: nothing to adapt to
                         setting = dict(
                             kind="gradinv",

@@ -34,8 +34,12 @@ def round_message(model, variables, x, y, spec, bn_statistics):
     return round_(variables, x[:, None], y[:, None]).message
 
 
-@pytest.mark.parametrize("bn_statistics", ["eval", "train"])
-@pytest.mark.parametrize("spec", SPECS)
+# Every compressor in eval mode; train mode (local BatchNorm: the attacker's forward pass is exact) for one of each
+# kind of message: dense, low-rank, sparse.
+CASES = [(spec, "eval") for spec in SPECS] + [(spec, "train") for spec in ("none", "powersgd:1", "topk:0.05")]
+
+
+@pytest.mark.parametrize("spec,bn_statistics", CASES)
 def test_adaptive_objective_is_zero_at_the_truth_and_larger_away_from_it(setting, spec, bn_statistics):
     model, variables, x, y = setting
     msg = round_message(model, variables, x, y, spec, bn_statistics)

@@ -201,3 +201,23 @@ def test_round_at_step_t_is_the_runs_own_step_t_message(mnist):
     sent = compress.as_sent(compress.worker_message(step2.message["grads"], 0))
     for a, b in zip(jax.tree.leaves(got.message), jax.tree.leaves(sent), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("spec", ["none", "powersgd:1"])
+def test_peer_observer_recovers_the_other_workers_sum(mnist, spec):
+    """Worker N-1 knows its own contribution: N x update - its own message is the others'; with N = 2, worker 0's."""
+    x, y = mnist
+    model = tiny_model()
+    variables = models.init_variables(model, jax.random.key(0), (28, 28, 1))
+    xs, ys = x[:2].reshape(2, 1, 28, 28, 1), y[:2].reshape(2, 1)
+    c = compress.from_spec(spec, variables["params"])
+    peer = victim.make_round(model, c, workers=2, observer="peer", bn_statistics="eval")(variables, xs, ys)
+    worker0 = victim.make_round(model, c, workers=2, observer="worker", bn_statistics="eval")(variables, xs, ys)
+    for a, b in zip(
+        jax.tree.leaves(compress.decompress(peer.message)),
+        jax.tree.leaves(compress.decompress(worker0.message)),
+        strict=True,
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    with pytest.raises(gradinv.AttackError, match="workers >= 2"):
+        victim.make_round(model, c, workers=1, observer="peer")

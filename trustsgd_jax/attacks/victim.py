@@ -14,6 +14,9 @@ the victim is worker 0. What an observer sees of that round:
 * ``aggregate``: what every worker receives, the averaged update
   (1/N) sum_w decompress(msg_w), as one dense message. Nothing of worker 0 is
   separable in it; the attacker matches the mixture.
+* ``peer``: the aggregate as a curious worker N-1 sees it, knowing its own
+  contribution: N x update - decompress(msg_{N-1}), the sum of the other
+  workers' contributions (with two workers, exactly worker 0's).
 
 BatchNorm, as training runs it (``bn_statistics``):
 
@@ -45,7 +48,7 @@ from trustsgd_jax import compress as compress_lib
 from trustsgd_jax import train as train_lib
 from trustsgd_jax.attacks.objectives import AttackError
 
-OBSERVERS = ("worker", "aggregate")
+OBSERVERS = ("worker", "aggregate", "peer")
 BATCHNORM = ("sync", "local")
 BN_STATISTICS = train_lib.BN_STATISTICS
 
@@ -111,6 +114,8 @@ def make_round(
     """
     check_setting(observer, bn_statistics, batchnorm)
     check_workers(workers)
+    if observer == "peer" and workers < 2:
+        raise AttackError("the peer observer is worker N-1, another worker than the victim: use workers >= 2.")
     dp_model = data_parallel_model(model, batchnorm)
     # The optimiser plays no part in the message: the round's update is never applied.
     step = train_lib.make_step(dp_model, optax.identity(), compressor, return_message=True, bn_statistics=bn_statistics)
@@ -143,6 +148,9 @@ def make_round(
         if observer == "worker":
             return Observation(sent, compress_lib.worker_message(msg["bn"], 0), wire)
         update = compress_lib.worker_message(msg["update"], 0)
+        if observer == "peer":
+            own = compress_lib.decompress(compress_lib.as_sent(compress_lib.worker_message(msg["grads"], workers - 1)))
+            update = jax.tree.map(lambda u, o: workers * u - o, update, own)
         return Observation(jax.tree.map(compress_lib.Dense, update), {}, wire)
 
     return round_
