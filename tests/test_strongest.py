@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from trustsgd_jax import compress, data, models
-from trustsgd_jax.attacks import gradinv, objectives, victim
+from trustsgd_jax.attacks import gradinv, landscape, objectives, victim
 
 SPECS = ["none", "powersgd:1", "powersgd:2", "topk:0.05", "randomk:0.1", "qsgd:4", "signsgd"]
 
@@ -137,3 +137,13 @@ def test_readme_audit_example_runs():
     assert r.setting == dict(workers=4, batch=1, observer="worker", bn_statistics="eval", batchnorm="local", step=0)
     assert r.reconstructions.shape == (2, 32, 32, 3) and set(r.chosen) <= set(r.candidate_ssim)
     assert "won by" in out.getvalue()
+
+
+def test_loss_profile_is_zero_at_the_truth_and_rises_with_the_noise(setting):
+    model, variables, x, y = setting
+    msg = round_message(model, variables, x, y, "none", "eval")
+    profile = landscape.loss_profile(
+        gradinv.attack_model(model), variables, msg, x[:1], y[:1], others=x[1:][:, None], sigmas=(0.01, 0.3, 3.0)
+    )
+    assert profile.at_truth < 1e-5
+    assert profile.loss[0] < profile.loss[1] < profile.loss[2] and profile.loss[0] < profile.random_images

@@ -1,0 +1,101 @@
+r"""The matching loss around the true image, per setting: where can an attack from noise succeed at all?
+
+    python -m experiments.basin_profile                                   # ConvNet and ResNet-18, both modes
+    python -m experiments.basin_profile --models=convnet --train_steps=300
+
+For each model and BatchNorm mode, worker 0's message in a real round of
+``--workers`` workers (`attacks.victim`, local BatchNorm) on CIFAR-10 images
+of the seed-0 order, and the observed attacker's matching loss at the true
+image plus Gaussian noise of standard deviation s (normalised pixel units),
+at the truth itself and at unrelated images (`attacks.landscape`). Prints a
+Markdown table and writes it to ``--out``.
+"""
+
+from __future__ import annotations
+
+from experiments.xla_env import simulate_cpu_devices
+
+simulate_cpu_devices(8)
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from trustsgd_jax import compress, data, models, results, train  # noqa: E402
+from trustsgd_jax.attacks import gradinv, landscape, victim  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("models", ["convnet", "resnet18"], "models")
+flags.DEFINE_list("modes", ["eval", "train"], "BatchNorm modes of the round")
+flags.DEFINE_list("norms", ["batch"], "normalisation: batch and/or group, none (controls without BatchNorm)")
+flags.DEFINE_string("compressor", "none", "compressor spec of the round")
+flags.DEFINE_integer("images", 2, "victims (each its own round, B = 1)")
+flags.DEFINE_integer("workers", 4, "workers in the round")
+flags.DEFINE_integer("train_steps", 0, "train the model this many steps first (batch 64, 8 workers)")
+flags.DEFINE_string("out", None, "also write the table to this Markdown file")
+
+SIGMAS = (0.001, 0.01, 0.1, 1.0)
+
+
+def main(argv):
+    del argv
+    ds = data.load("cifar10")
+    order = np.random.default_rng(0).permutation(len(ds.x_train))
+    x_all = data.normalize(ds.x_train, "cifar10")
+    rows = []
+    for name in FLAGS.models:
+        for norm in FLAGS.norms:
+            model = models.make_model(name, 10, norm=norm)
+            variables = models.init_variables(model, jax.random.key(0), (32, 32, 3))
+            if FLAGS.train_steps:
+                fitted = train.fit(
+                    victim.data_parallel_model(model, "local"),
+                    compress.none(),
+                    x_all,
+                    ds.y_train,
+                    steps=FLAGS.train_steps,
+                    global_batch=64,
+                    progress=False,
+                )
+                variables = {"params": fitted.state.params, "batch_stats": fitted.state.batch_stats}
+            c = compress.from_spec(FLAGS.compressor, variables["params"])
+            for mode in FLAGS.modes:
+                round_ = victim.make_round(model, c, workers=FLAGS.workers, bn_statistics=mode, batchnorm="local")
+                profiles = []
+                for i in order[: FLAGS.images]:
+                    peers = victim.other_worker_ids(np.array([i]), len(x_all), FLAGS.workers, 0)[:, 0]
+                    ids = np.concatenate([[i], peers])
+                    msg = round_(variables, x_all[ids][:, None], ds.y_train[ids][:, None]).message
+                    others = x_all[order[-8:]][:, None]
+                    profiles.append(
+                        landscape.loss_profile(
+                            gradinv.attack_model(model),
+                            variables,
+                            msg,
+                            x_all[i : i + 1],
+                            ds.y_train[i : i + 1],
+                            others=others,
+                            train=mode == "train",
+                            sigmas=SIGMAS,
+                        )
+                    )
+                loss = np.mean([p.loss for p in profiles], 0)
+                rows.append(
+                    [name, norm, FLAGS.train_steps, mode, f"{np.mean([p.at_truth for p in profiles]):.4f}"]
+                    + [f"{v:.4f}" for v in loss]
+                    + [f"{np.mean([p.random_images for p in profiles]):.4f}"]
+                )
+                print(rows[-1], flush=True)
+    lines = [
+        f"Observed matching loss (1 - cosine) around the true image: CIFAR-10, B = 1, {FLAGS.workers} workers, "
+        f"local BatchNorm, {FLAGS.compressor}, mean over {FLAGS.images} images of the seed-0 order and 4 noise draws.",
+        "",
+    ] + results.markdown_table(
+        ["model", "norm", "train steps", "BatchNorm mode", "at truth", *[f"s = {s}" for s in SIGMAS], "random images"],
+        rows,
+    )
+    results.write_table("\n".join(lines), FLAGS.out)
+
+
+if __name__ == "__main__":
+    app.run(main)
