@@ -45,6 +45,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
 from absl import app, flags  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from experiments import report  # noqa: E402
@@ -354,6 +355,59 @@ def check_one_setting(units, done_records, results_path) -> None:
                 )
 
 
+def process_share(units: list[dict], process_id: int, num_processes: int) -> list[dict]:
+    """This process's units: gradinv units round-robin over the processes, MIA units on every process.
+
+    A gradinv unit needs no collective, so each runs on exactly one process.
+    An MIA unit trains its models across all processes' devices (a
+    collective), so every process takes part in each; process 0 records it.
+    """
+    share = []
+    attacks = 0
+    for u in units:
+        if u["kind"] != "gradinv":
+            share.append(u)
+            continue
+        if attacks % num_processes == process_id:
+            share.append(u)
+        attacks += 1
+    return share
+
+
+def shard_path(workdir: pathlib.Path, process_id: int) -> pathlib.Path:
+    """Where a process appends its finished units: ``results.jsonl`` (process 0) or ``results.p<i>.jsonl``."""
+    return workdir / ("results.jsonl" if process_id == 0 else f"results.p{process_id}.jsonl")
+
+
+def read_all_records(workdir: pathlib.Path) -> list[dict]:
+    """Finished units of every process: ``results.jsonl`` joined with any shard a process left (one per key)."""
+    seen: dict[str, dict] = {}
+    for path in [workdir / "results.jsonl", *sorted(workdir.glob("results.p*.jsonl"))]:
+        for r in results.read_records(path).records:
+            seen.setdefault(r.get("key"), r)
+    return list(seen.values())
+
+
+def merge_shards(workdir: pathlib.Path) -> int:
+    """Process 0, after every process finished: appends the shards' units to ``results.jsonl``, removes the shards.
+
+    Each record is fsynced into ``results.jsonl`` before its shard goes, so
+    a crash in between loses nothing (the reader joins both, one per key).
+    """
+    main_path = workdir / "results.jsonl"
+    have = {r.get("key") for r in results.read_records(main_path).records}
+    moved = 0
+    for shard in sorted(workdir.glob("results.p*.jsonl")):
+        results.repair_trailing_line(shard)
+        for r in results.read_records(shard).records:
+            if r.get("key") not in have:
+                results.append_record(main_path, r)
+                have.add(r.get("key"))
+                moved += 1
+        shard.unlink()
+    return moved
+
+
 def main(argv):
     del argv
     if FLAGS.coordinator_address:
@@ -364,36 +418,43 @@ def main(argv):
         workdir, datasets = prepare()
     except (data.DataError, results.ResultsError, ValueError) as e:
         raise ConfigError(str(e)) from e
-    is_main = jax.process_index() == 0
+    process_id, num_processes = jax.process_index(), jax.process_count()
+    is_main = process_id == 0
 
     results_path = workdir / "results.jsonl"
-    damaged = results.repair_trailing_line(results_path)
-    if damaged is not None:
-        print(
-            f"WARNING: the last line of {results_path} was cut short (a run was killed while writing); moved it "
-            f"to {results_path}.corrupt and that unit will be redone: {damaged[:80]!r}",
-            flush=True,
-        )
-    done_records = results.read_records(results_path).records
+    mine_path = shard_path(workdir, process_id)
+    for path in {results_path, mine_path}:
+        damaged = results.repair_trailing_line(path)
+        if damaged is not None:
+            print(
+                f"WARNING: the last line of {path} was cut short (a run was killed while writing); moved it "
+                f"to {path}.corrupt and that unit will be redone: {damaged[:80]!r}",
+                flush=True,
+            )
+    done_records = read_all_records(workdir)
     done = {r.get("key") for r in done_records}
     units = plan_units(datasets, done_records)
     check_one_setting(units, done_records, results_path)
     (workdir / "recon").mkdir(exist_ok=True)
     (workdir / "roc").mkdir(exist_ok=True)
-    todo = [u for u in units if u["key"] not in done]
-    if is_main:
-        print(f"{len(todo)} units to run; {len(done_records)} already done in {results_path}", flush=True)
+    todo = process_share([u for u in units if u["key"] not in done], process_id, num_processes)
+    print(
+        f"process {process_id} of {num_processes}: {len(todo)} units to run; {len(done_records)} already done in "
+        f"{workdir}",
+        flush=True,
+    )
     bar = tqdm(total=len(todo), desc="units", unit="unit", dynamic_ncols=True, disable=not (FLAGS.progress and is_main))
     for u in todo:
         t0 = time.time()
         ds = datasets[u["dataset"]]
         if u["kind"] == "gradinv":
-            record = run_gradinv_unit(u, ds, workdir, FLAGS.progress)
+            record = run_gradinv_unit(u, ds, workdir, FLAGS.progress and is_main)
             line = (
                 f"{u['dataset']} {u['compressor']} {u['threat']} {u['bn_statistics']}-mode {u['observer']} "
                 f"images {sum(u['victim_ids'], [])}: SSIM {np.mean(record['ssim']):.3f} "
                 f"PSNR {np.mean(record['psnr']):.1f} dB"
             )
+            results.append_record(mine_path, record)  # each gradinv unit runs on one process only
         else:
             record = run_mia_unit(u, ds, workdir, FLAGS.parallel_models)
             t = record["attacks"]
@@ -401,12 +462,17 @@ def main(argv):
                 f"MIA {u['dataset']} {u['compressor']}: loss AUC {t['loss']['auc']:.3f}, LiRA TPR@1%FPR "
                 f"{t.get('lira_online', t['loss'])['tpr@1%fpr']:.3f}, test acc {record['test_accuracy']:.3f}"
             )
-        if is_main:
-            results.append_record(results_path, record)
-            bar.write(f"{line}  ({time.time() - t0:.0f}s)")
+            if is_main:  # every process trained it together; one records it
+                results.append_record(results_path, record)
+        bar.write(f"{line}  ({time.time() - t0:.0f}s)" if num_processes == 1 else f"[process {process_id}] {line}")
         bar.update(1)
     bar.close()
+    if num_processes > 1:
+        multihost_utils.sync_global_devices("reproduce: every process finished its units")
     if is_main:
+        moved = merge_shards(workdir)
+        if moved:
+            print(f"merged {moved} units of the other processes into {results_path}", flush=True)
         written = report.write_reports(workdir)
         print("reports: " + ", ".join(str(p) for p in written), flush=True)
     return 0
@@ -513,7 +579,9 @@ def trained_victim(u: dict, ds: data.Dataset, workdir: pathlib.Path):
         "data_source",
     )
     key = hashlib.sha1(json.dumps({f: u[f] for f in fields}, sort_keys=True).encode()).hexdigest()[:16]
-    path = (workdir / "victims" / key).absolute()
+    # One copy per process under several processes: each trains the same victim (deterministic) without racing.
+    sub = "victims" if jax.process_count() == 1 else f"victims/p{jax.process_index()}"
+    path = (workdir / sub / key).absolute()
     model = victim.data_parallel_model(models.make_model(u["model"], ds.num_classes, norm=u["norm"]), u["batchnorm"])
     initial = models.init_variables(model, jax.random.key(u["seed"]), ds.image_shape)
     compressor = _compressor(u, initial["params"])

@@ -250,3 +250,35 @@ def test_linear_layer_weights_follow_depth_on_resnet18():
     assert by_path["['fc']['bias']"] == min(w) and by_path["['fc']['kernel']"] > by_path["['fc']['bias']"]
     assert by_path["['layer1_0']['conv1']['kernel']"] > by_path["['layer4_1']['conv2']['kernel']"]
     assert paths[0].startswith("['fc']")  # leaf order alone would have put the head first
+
+
+def test_attacks_spread_over_8_devices_equal_one_device(cifar):
+    """invert_gradients over the 8 simulated devices (shard_map over the attack axis) = the same attacks on one."""
+    ds, _, _ = cifar
+    model = models.make_model("convnet", 10, norm="batch", width=8)
+    variables = models.init_variables(model, jax.random.key(0), (16, 16, 3))
+    x = data.normalize(ds.x_train[:4, ::2, ::2], "cifar10")
+    y = ds.y_train[:4]
+    c = compress.powersgd(1)
+    msgs = [one_worker_message(model, variables, x[i : i + 1], y[i : i + 1], c) for i in range(4)]
+    out = {}
+    for devices in (1, 8):
+        # 4 batches x 2 restarts = 8 attacks: one per device, or all 8 vmapped on one.
+        cfg = gradinv.AttackConfig(iterations=30, chunk=15, restarts=2, parallel=8, devices=devices)
+        out[devices] = gradinv.invert_gradients(
+            gradinv.attack_model(model),
+            variables,
+            msgs,
+            y[:, None],
+            (16, 16, 3),
+            "cifar10",
+            threat="strongest",
+            config=cfg,
+            progress=False,
+        )
+    assert len(jax.local_devices()) == 8
+    np.testing.assert_allclose(out[8].images, out[1].images, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(out[8].loss, out[1].loss, rtol=1e-4, atol=1e-6)
+    assert out[8].chosen == out[1].chosen
+    with pytest.raises(gradinv.AttackError, match="local devices exist"):
+        gradinv.attack_devices(gradinv.AttackConfig(devices=9))

@@ -4,6 +4,7 @@ import csv
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 from experiments import report
+from experiments.reproduce import process_share
 from trustsgd_jax import results
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -121,6 +123,62 @@ def test_rerun_with_another_group_attacks_every_image_exactly_once(tmp_path):
     assert len(ids) == 7 == len(set(ids)) and set(after_first) <= set(ids)
     order = np.random.default_rng(0).permutation(4000)  # the seeded order of the attacked images
     assert set(ids) == set(order[:7].tolist())
+
+
+def test_unit_split_covers_every_unit_exactly_once_whatever_the_process_count():
+    units = [dict(kind="gradinv", key=f"g{i}") for i in range(7)] + [dict(kind="mia", key="m0")]
+    for n in range(1, 6):
+        shares = [process_share(units, p, n) for p in range(n)]
+        attacks = sorted(u["key"] for share in shares for u in share if u["kind"] == "gradinv")
+        assert attacks == sorted(f"g{i}" for i in range(7)), n  # each once: none lost, none twice
+        assert all(any(u["key"] == "m0" for u in share) for share in shares)  # collective: on every process
+        sizes = [sum(u["kind"] == "gradinv" for u in share) for share in shares]
+        assert max(sizes) - min(sizes) <= 1, (n, sizes)
+
+
+def test_two_processes_split_the_units_into_one_results_file(tmp_path):
+    """jax.distributed on localhost: 4 attack units over 2 processes, each done once, merged by process 0."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    common = ["--mia=false", "--compressors=none,powersgd:1", "--threat_models=observed", "--iterations=3"]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "experiments.reproduce",
+                "--preset=tiny",
+                f"--workdir={tmp_path}",
+                "--progress=false",
+                *common,
+                "--images=2",
+                "--group=1",
+                f"--coordinator_address=127.0.0.1:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ],
+            cwd=ROOT,
+            env=dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    for i in range(2):
+        assert f"process {i} of 2: 2 units to run" in outs[i], outs[i]
+    recs = results.read_records(tmp_path / "results.jsonl").records
+    keys = [r["key"] for r in recs]
+    assert len(keys) == 4 == len(set(keys))  # 2 compressors x 2 images, none lost, none twice
+    assert sorted((r["compressor"], r["image_ids"][0]) for r in recs) == sorted(
+        (c, i) for c in ("none", "powersgd:1") for i in np.random.default_rng(0).permutation(4000)[:2].tolist()
+    )
+    assert not list(tmp_path.glob("results.p*.jsonl"))  # process 0 merged and removed the shard
+    again = reproduce(tmp_path, *common, "--images=2", "--group=1")
+    assert again.returncode == 0 and "0 units to run" in again.stdout, again.stdout + again.stderr
 
 
 def test_multi_dataset_one_worker_run_resumes_to_nothing_left(tmp_path):

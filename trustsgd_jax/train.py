@@ -406,7 +406,7 @@ def eval_model(model: nn.Module) -> nn.Module:
     (``conv_impl="patches"``) holds kh*kw copies of every activation; the
     native form is the same model with the same parameters.
     """
-    return model.clone(conv_impl="xla") if getattr(model, "conv_impl", None) == "patches" else model
+    return model.clone(conv_impl="xla") if getattr(model, "conv_impl", "xla") != "xla" else model
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -28,6 +28,7 @@ convolution kernels' gradients factored (`objectives.Factored`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -61,19 +62,47 @@ class AttackConfig(NamedTuple):
     boxed: bool = True  # clip pixels to the valid range after every step
     layer_weights: str = "equal"  # or "linear": weights falling with depth (objectives.tensor_weights)
     chunk: int = 100  # iterations per compiled scan chunk (progress granularity)
-    parallel: int = 8  # independent attacks batched in one program
+    parallel: int = 8  # independent attacks batched in one program (over all devices together)
     seed: int = 0
+    matmul_dtype: str = "float32"  # or "bfloat16": the convolutions' matmuls on bf16 inputs (see attack_model)
+    devices: int | None = None  # local devices the attacks spread over; None: all on GPU/TPU, 1 on CPU (faster)
 
 
-def attack_model(model: nn.Module) -> nn.Module:
+def attack_devices(config: AttackConfig) -> list:
+    """The local devices independent attacks are spread over (`AttackConfig.devices`).
+
+    On CPU, simulated devices (``--xla_force_host_platform_device_count``)
+    share the same cores, and one device running the batch was faster in the
+    benchmark (README), so None means one device there and every local
+    device elsewhere.
+    """
+    local = jax.local_devices()
+    if config.devices is None:
+        return local[:1] if local[0].platform == "cpu" else local
+    if not 1 <= config.devices <= len(local):
+        raise AttackError(
+            f"AttackConfig.devices={config.devices}, but {len(local)} local devices exist; use 1..{len(local)}."
+        )
+    return local[: config.devices]
+
+
+MATMUL_DTYPES = ("float32", "bfloat16")
+
+
+def attack_model(model: nn.Module, matmul_dtype: str = "float32") -> nn.Module:
     """The attack-ready form of one of this package's models: im2col convolutions, no data-parallel axis.
 
     The same parameters (checkpoints interchange). Without the axis,
     BatchNorm in train mode normalises by the dummy batch's own statistics.
+    ``matmul_dtype="bfloat16"`` runs the convolutions' matmuls on bf16 inputs
+    with fp32 accumulation (`models.PatchesConv`); pixels, parameters and
+    everything else stay fp32.
     """
+    if matmul_dtype not in MATMUL_DTYPES:
+        raise AttackError(f"unknown matmul_dtype {matmul_dtype!r}; use one of {MATMUL_DTYPES}.")
     changes: dict[str, Any] = {}
     if getattr(model, "conv_impl", None) is not None:
-        changes["conv_impl"] = "patches"
+        changes["conv_impl"] = "patches" if matmul_dtype == "float32" else "patches_bf16"
     if getattr(model, "axis_name", None) is not None:
         changes["axis_name"] = None
     return model.clone(**changes) if changes else model
@@ -124,42 +153,67 @@ def compile_attack(
     lo, hi = (jnp.asarray(v, jnp.float32) for v in data_lib.pixel_bounds(dataset))
     rank = objectives.forward_order(model, variables, image_shape) if config.layer_weights == "linear" else None
     weights = objectives.tensor_weights(len(jax.tree.leaves(variables["params"])), config.layer_weights, rank)
-    matching_loss = objectives.matching_loss(model, variables, objective, weights, train)
+    matching = objectives.matching_loss(model, variables, objective, weights, train)
     opt = _optimizer(config)
 
-    def total_loss(x, msg, y):
-        return matching_loss(x, msg, y) + config.tv * objectives.total_variation(x)
+    def total_loss(x, msg, target, y):
+        return matching.loss(x, msg, target, y) + config.tv * objectives.total_variation(x)
 
     def step(carry, _):
-        x, opt_state, msg, y = carry
-        loss, g = jax.value_and_grad(total_loss)(x, msg, y)
+        x, opt_state, msg, target, y = carry
+        loss, g = jax.value_and_grad(total_loss)(x, msg, target, y)
         updates, opt_state = opt.update(g, opt_state, x)
         x = optax.apply_updates(x, updates)
         if config.boxed:
             x = jnp.clip(x, lo, hi)
-        return (x, opt_state, msg, y), loss
+        return (x, opt_state, msg, target, y), loss
 
     def run_chunk(x, opt_state, msg, y, length):
-        (x, opt_state, _, _), losses = jax.lax.scan(step, (x, opt_state, msg, y), None, length=length)
+        # The message's view is loop-invariant: prepared once per chunk, outside the scan.
+        carry = (x, opt_state, msg, matching.prepare(msg), y)
+        (x, opt_state, _, _, _), losses = jax.lax.scan(step, carry, None, length=length)
         return x, opt_state, losses[-1]
 
-    if width == 1:
-        # One attack: no vmap. A width-1 vmap still rewrites every matmul as a batched one, slower on XLA:CPU.
-        def one(f):
-            def g(*args):
-                out = f(*jax.tree.map(lambda t: t[0], args[:4]), *args[4:])
-                return jax.tree.map(lambda t: t[None], out)
+    devices = attack_devices(config)[: max(1, width)]
+    if width % len(devices):
+        raise AttackError(f"width={width} attacks do not split over {len(devices)} devices; use a multiple.")
 
-            return g
+    def local(f):
+        """f over this device's attacks (a leading axis on every argument): vmapped, or unbatched for one attack.
 
+        One attack runs without vmap: a width-1 vmap still rewrites every matmul as a batched one, slower on XLA:CPU.
+        """
+        if width // len(devices) > 1:
+            return jax.vmap(f)
+
+        def one(*args):
+            return jax.tree.map(lambda t: t[None], f(*jax.tree.map(lambda t: t[0], args)))
+
+        return one
+
+    if len(devices) == 1:
         return CompiledAttack(
-            jax.jit(one(opt.init)), jax.jit(one(run_chunk), static_argnums=4), jax.jit(one(matching_loss))
+            jax.jit(local(opt.init)),
+            jax.jit(
+                lambda x, st, msg, y, length: local(functools.partial(run_chunk, length=length))(x, st, msg, y),
+                static_argnums=4,
+            ),
+            jax.jit(local(matching)),
         )
-    return CompiledAttack(
-        jax.jit(jax.vmap(opt.init)),
-        jax.jit(jax.vmap(run_chunk, in_axes=(0, 0, 0, 0, None)), static_argnums=4),
-        jax.jit(jax.vmap(matching_loss)),
-    )
+    # Independent attacks need no collective: each device runs its share of the attack axis.
+    mesh = jax.sharding.Mesh(np.array(devices), ("attacks",))
+    spec = jax.sharding.PartitionSpec("attacks")
+    sharding = jax.sharding.NamedSharding(mesh, spec)
+
+    def spread(f):
+        # check_vma=False: with it, differentiating w.r.t. the (replicated) parameters inside an attack would psum
+        # the parameter gradient over the attack axis (the transpose of an implicit broadcast), mixing attacks.
+        jitted = jax.jit(jax.shard_map(local(f), mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False))
+        return lambda *args: jitted(*jax.device_put(args, sharding))
+
+    init, final = spread(opt.init), spread(matching)
+    chunks = functools.cache(lambda length: spread(functools.partial(run_chunk, length=length)))
+    return CompiledAttack(init, lambda x, st, msg, y, length: chunks(length)(x, st, msg, y), final)
 
 
 def check_message(msg, params) -> None:
@@ -221,7 +275,9 @@ class Inversion(NamedTuple):
 def _run_objective(model, variables, messages, labels, image_shape, dataset, objective, train, config, seeds, bar):
     """Every (batch, restart) attack with one objective: (x [N, R, B, ...], final matching loss [N, R])."""
     n, b = labels.shape
-    width = min(config.parallel, n * config.restarts)
+    jobs_total = n * config.restarts
+    spread = min(len(attack_devices(config)), jobs_total)
+    width = -(-min(config.parallel, jobs_total) // spread) * spread  # a multiple of the devices used
     attack = compile_attack(model, variables, objective, config, dataset, image_shape, train=train, width=width)
     # Attack j = (batch j // R, restart j % R).
     jobs = [(i, r) for i in range(n) for r in range(config.restarts)]
@@ -434,7 +490,7 @@ def audit(
     if label_mode == "idlg":
         yb = np.stack([labels_lib.infer_labels_idlg(m, num_classes, batch_size) for m in messages])
     inv = invert_gradients(
-        attack_model(model),
+        attack_model(model, config.matmul_dtype),
         variables,
         messages,
         yb,
