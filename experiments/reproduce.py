@@ -89,6 +89,13 @@ flags.DEFINE_integer(
     "PowerSGD sends the plain mean for the first start_iter steps (PyTorch's "
     "start_powerSGD_iter; 0 compresses from the first step)",
 )
+flags.DEFINE_enum(
+    "matmul_dtype",
+    "float32",
+    list(gradinv.MATMUL_DTYPES),
+    "the attack's convolution matmuls: float32, or bfloat16 inputs with fp32 accumulation (faster where the hardware "
+    "has bf16 units; README: its effect on SSIM)",
+)
 flags.DEFINE_integer("attack_step", 0, "attack at this training step (0: first step, no error memory)")
 flags.DEFINE_string("model", None, "convnet | resnet18")
 flags.DEFINE_enum(
@@ -146,6 +153,7 @@ SETTING_FIELDS = {
         "batchnorm",
         "attack_step",
         "train_batch",
+        "matmul_dtype",
     ),
     "mia": ("model", "norm", "seed", "mia_shadows", "mia_steps", "mia_pool", "mia_population", "batch_size"),
 }
@@ -303,6 +311,7 @@ def plan_units(datasets, done_records) -> list[dict]:
                             start_iter=FLAGS.start_iter if spec.startswith("powersgd") else 0,
                             attack_step=FLAGS.attack_step,
                             train_batch=FLAGS.batch_size if FLAGS.attack_step > 0 else None,
+                            matmul_dtype=FLAGS.matmul_dtype,
                         )
                         done = covered.get(setting_key(setting), set())
                         todo = [b for b in batches if tuple(b[0]) not in done]
@@ -384,6 +393,8 @@ def read_all_records(workdir: pathlib.Path) -> list[dict]:
     seen: dict[str, dict] = {}
     for path in [workdir / "results.jsonl", *sorted(workdir.glob("results.p*.jsonl"))]:
         for r in results.read_records(path).records:
+            if r.get("kind") == "gradinv":
+                r.setdefault("matmul_dtype", "float32")  # records from before the option attacked in fp32
             seen.setdefault(r.get("key"), r)
     return list(seen.values())
 
@@ -504,6 +515,7 @@ def run_gradinv_unit(u: dict, ds: data.Dataset, workdir: pathlib.Path, progress:
         restarts=u["restarts"],
         tv=u["tv"],
         chunk=min(100, u["iterations"]),
+        matmul_dtype=u["matmul_dtype"],
         parallel=n * u["restarts"],
         seed=u["seed"],
     )
