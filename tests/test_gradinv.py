@@ -282,3 +282,22 @@ def test_attacks_spread_over_8_devices_equal_one_device(cifar):
     assert out[8].chosen == out[1].chosen
     with pytest.raises(gradinv.AttackError, match="local devices exist"):
         gradinv.attack_devices(gradinv.AttackConfig(devices=9))
+
+
+def test_attack_on_a_message_from_a_pmapped_round_runs_on_one_device(cifar):
+    """A round's message is replicated over its N devices; the attack must not run replicated on all of them."""
+    ds, _, _ = cifar
+    model = models.make_model("convnet", 10, norm="batch", width=8)
+    variables = models.init_variables(model, jax.random.key(0), (16, 16, 3))
+    x = data.normalize(ds.x_train[:2, ::2, ::2], "cifar10")
+    y = ds.y_train[:2].astype(np.int32)
+    round_ = victim.make_round(model, compress.none(), workers=2, bn_statistics="eval", batchnorm="local")
+    msg = round_(variables, x[:, None], y[:, None]).message
+    assert len(jax.tree.leaves(msg)[0].devices()) == 2  # what the round hands over
+    cfg = gradinv.AttackConfig(iterations=2, chunk=2, parallel=1, devices=1)
+    attack = gradinv.compile_attack(
+        gradinv.attack_model(model), variables, "observed", cfg, "cifar10", (16, 16, 3), train=False, width=1
+    )
+    xs = jnp.zeros((1, 1, 16, 16, 3))
+    out, _, _ = attack.run_chunk(xs, attack.init(xs), jax.tree.map(lambda t: t[None], msg), jnp.asarray(y[None, :1]), 2)
+    assert out.devices() == {jax.local_devices()[0]}
