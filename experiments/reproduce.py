@@ -93,8 +93,8 @@ flags.DEFINE_enum(
     "matmul_dtype",
     "float32",
     list(gradinv.MATMUL_DTYPES),
-    "the attack's convolution matmuls: float32, or bfloat16 inputs with fp32 accumulation (faster where the hardware "
-    "has bf16 units; README: its effect on SSIM)",
+    "the attack's convolution matmuls: float32, or bfloat16 inputs with fp32 accumulation (README, Benchmarks: its "
+    "speed and its effect on SSIM)",
 )
 flags.DEFINE_integer("attack_step", 0, "attack at this training step (0: first step, no error memory)")
 flags.DEFINE_string("model", None, "convnet | resnet18")
