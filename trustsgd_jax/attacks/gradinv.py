@@ -193,8 +193,7 @@ def compile_attack(
 
     if len(devices) == 1:
         # Arguments go to the one device first: a message that comes straight from a pmapped round is replicated
-        # over the round's N devices, and jit would then run the whole attack on all N of them (measured: 4x slower
-        # with N = 4 on 2 cores).
+        # over the round's N devices, and jit would then run the whole attack on all N of them (README, Performance).
         def on_device(f, **static):
             jitted = jax.jit(f, static_argnames=tuple(static))
             return lambda *args, **kw: jitted(*jax.device_put(args, devices[0]), **kw)
