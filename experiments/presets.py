@@ -31,6 +31,8 @@ PRESETS: dict[str, dict] = {
         mia_steps=10,
         mia_pool=256,
         mia_population=64,
+        mia_snapshots=[5],
+        mia_budgets=[1, 2, 4],
     ),
     "quick": dict(
         datasets=["mnist", "cifar10", "cifar100"],
@@ -50,6 +52,8 @@ PRESETS: dict[str, dict] = {
         mia_steps=100,
         mia_pool=1000,
         mia_population=200,
+        mia_snapshots=[50],
+        mia_budgets=[1, 2, 4],
     ),
     "paper": dict(
         datasets=["cifar10", "cifar100", "mnist"],
@@ -79,5 +83,7 @@ PRESETS: dict[str, dict] = {
         mia_steps=3000,
         mia_pool=20000,
         mia_population=2000,
+        mia_snapshots=[1000, 2000],
+        mia_budgets=[1, 2, 4, 8, 16],
     ),
 }

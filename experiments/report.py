@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import pathlib
 import sys
 from collections import defaultdict
@@ -275,9 +276,205 @@ def mia_rows(mia_records) -> list[dict]:
                 test_accuracy=r["test_accuracy"],
                 wire=r["wire"],
                 shadows=r["mia_shadows"],
+                steps=r["mia_steps"],
+                train_accuracy=r.get("train_accuracy"),
+                shadow_test_accuracy=r.get("shadow_test_accuracy"),
+                snapshots=r.get("snapshots")
+                or [dict(step=r["mia_steps"], test_accuracy=r["test_accuracy"], attacks=r["attacks"])],
+                budgets=r.get("budgets", []),
             )
         )
     return rows
+
+
+CONVERGED_TRAIN_ACCURACY = 0.99  # a MIA row below this train accuracy is labelled underfit
+
+
+def fit_label(r) -> str:
+    """'converged' / 'underfit' by the target's train accuracy, '?' for records from before it was kept."""
+    acc = r.get("train_accuracy")
+    if acc is None:
+        return "?"
+    return "converged" if acc >= CONVERGED_TRAIN_ACCURACY else "underfit"
+
+
+MIA_HEADLINE = (
+    "rmia_online",
+    "rmia_offline",
+    "lira_online",
+    "lira_offline",
+    "loss",
+)  # the rows the budget and matched tables show
+
+
+def utility_matched(rows) -> list[dict]:
+    """Per dataset, each compressor's snapshot whose target test accuracy is closest to a common level.
+
+    The level is the smallest, over the dataset's compressors, of their best
+    snapshot test accuracy, so every compressor has a snapshot at or above
+    it. Each entry keeps its ``gap`` (accuracy minus level) and ``matched``:
+    False when the record has a single snapshot (nothing to choose from) or
+    the gap exceeds `UTILITY_TOLERANCE`. A comparison there holds utility
+    fixed instead of the step count. (The accuracy is measured on the pool's
+    non-members, the same images the attacks score as non-members.)
+    """
+    out = []
+    for d in sorted({r["dataset"] for r in rows}):
+        rs = [r for r in rows if r["dataset"] == d]
+        level = min(max(s["test_accuracy"] for s in r["snapshots"]) for r in rs)
+        for r in rs:
+            snap = min(r["snapshots"], key=lambda s: (abs(s["test_accuracy"] - level), s["step"]))
+            gap = snap["test_accuracy"] - level
+            matched = len(r["snapshots"]) > 1 and abs(gap) <= UTILITY_TOLERANCE
+            out.append(dict(dataset=d, compressor=r["compressor"], level=level, gap=gap, matched=matched, **snap))
+    return out
+
+
+UTILITY_TOLERANCE = 0.02  # test accuracy within 2 points of the common level counts as matched
+
+
+def _metric_cell(m, k) -> str:
+    if not m or k not in m:
+        return "-"
+    lo_hi = m.get(f"{k}_ci")
+    return f"{m[k]:.3f}" + (f" [{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]" if lo_hi else "")
+
+
+def mia_matched_markdown(rows) -> str:
+    """Matched steps (the final models) against matched utility (`utility_matched`), per dataset and compressor."""
+    out = [
+        "# Membership inference at matched steps and at matched utility",
+        "",
+        "Matched steps: every compressor's final models (the same step count). Matched utility: each compressor's "
+        "snapshot whose target test accuracy is closest to the level that every compressor of the dataset "
+        "reaches (the smallest of their best accuracies); a gap above 0.02, or a run with one snapshot only, is "
+        "marked as not matched. Online RMIA and LiRA from the same references; brackets are 95% bootstrap "
+        "intervals over examples.",
+        "",
+    ]
+    matched = utility_matched(rows)
+    for d in sorted({r["dataset"] for r in rows}):
+        cells = []
+        for r in (r for r in rows if r["dataset"] == d):
+            final = r["snapshots"][-1]
+            u = next(m for m in matched if m["dataset"] == d and m["compressor"] == r["compressor"])
+            utility_label = "matched utility" if u["matched"] else f"utility NOT matched (gap {u['gap']:+.3f})"
+            for label, snap in (("matched steps", final), (utility_label, u)):
+                a = snap["attacks"]
+                cells.append(
+                    [
+                        _label(r["compressor"]),
+                        label,
+                        snap["step"],
+                        "-" if snap.get("train_accuracy") is None else f"{snap['train_accuracy']:.3f}",
+                        f"{snap['test_accuracy']:.3f}",
+                        _metric_cell(a.get("rmia_online"), "auc"),
+                        _metric_cell(a.get("rmia_online"), "tpr@1%fpr"),
+                        _metric_cell(a.get("lira_online"), "auc"),
+                        _metric_cell(a.get("lira_online"), "tpr@1%fpr"),
+                        _metric_cell(a.get("loss"), "auc"),
+                    ]
+                )
+        level = next(m["level"] for m in matched if m["dataset"] == d)
+        out += [f"## {d} (utility level {level:.3f})", ""] + results.markdown_table(
+            [
+                "algorithm",
+                "comparison",
+                "step",
+                "train acc",
+                "test acc",
+                "RMIA AUC",
+                "RMIA TPR@1%FPR",
+                "LiRA AUC",
+                "LiRA TPR@1%FPR",
+                "loss AUC",
+            ],
+            cells,
+        )
+        out.append("")
+    return "\n".join(out) + "\n"
+
+
+def mia_budget_markdown(rows) -> str:
+    """Reference-budget curves: each headline attack's AUC and TPR at low FPR against the number of references."""
+    out = [
+        "# Membership inference against the number of reference models",
+        "",
+        "Final models. For k references: the mean over up to 4 disjoint blocks of k references, the range over "
+        "the blocks in parentheses, and the first block's 95% bootstrap interval in brackets. RMIA's a is tuned on "
+        "the block itself where k >= 3 and fixed at 0.5 below; online attacks need k >= 2. With k = 1 only the "
+        "examples the one reference did not train on are scored (examples column). LiRA's global variance pools "
+        "the spread within examples from 2 IN and 2 OUT references per example on, the spread of all values below.",
+        "",
+    ]
+    for r in (r for r in rows if r["budgets"]):
+        cells = []
+        for b in r["budgets"]:
+            for name in MIA_HEADLINE:
+                m = b["attacks"].get(name)
+                if not m:
+                    continue
+
+                def cell(k, m=m):
+                    lo, hi = m[f"{k}_range"]
+                    ci = m.get(f"{k}_ci")
+                    return f"{m[k]:.3f} ({lo:.3f}-{hi:.3f})" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+                cells.append(
+                    [
+                        b["references"],
+                        b["subsets"],
+                        b.get("examples", "-"),
+                        b.get("variance_pooling", "-") if name.startswith("lira") else "-",
+                        name,
+                        cell("auc"),
+                        cell("tpr@1%fpr"),
+                        cell("tpr@0.1%fpr"),
+                    ]
+                )
+        out += [f"## {r['dataset']}, {_label(r['compressor'])}", ""] + results.markdown_table(
+            ["references k", "blocks", "examples", "LiRA variance", "attack", "AUC", "TPR@1%FPR", "TPR@0.1%FPR"], cells
+        )
+        out.append("")
+    return "\n".join(out) + "\n"
+
+
+def budget_figure(rows, path) -> bool:
+    """AUC and TPR at 1% / 0.1% FPR against k (log2 axis): a row of panels per dataset, a colour per attack and a
+    line style per compressor."""
+    rs = [r for r in rows if r["budgets"]]
+    if not rs:
+        return False
+    datasets = sorted({r["dataset"] for r in rs}, key=_dataset_key)
+    fig, axes = plt.subplots(len(datasets), 3, figsize=(13, 3.6 * len(datasets)), squeeze=False)
+    styles = ("-", "--", ":", "-.", (0, (5, 1)), (0, (1, 3)))
+    for row_axes, d in zip(axes, datasets, strict=True):
+        specs = [r for r in rs if r["dataset"] == d]
+        for r, style in zip(specs, itertools.cycle(styles)):
+            for colour, name in enumerate(MIA_HEADLINE):
+                got = [b for b in r["budgets"] if name in b["attacks"]]
+                for ax, metric in zip(row_axes, BUDGET_METRICS, strict=True):
+                    ax.plot(
+                        [b["references"] for b in got],
+                        [max(b["attacks"][name][metric], 1e-4) for b in got],
+                        linestyle=style,
+                        color=f"C{colour}",
+                        marker="o",
+                        ms=3,
+                        label=f"{_label(r['compressor'])}: {name}",
+                    )
+        for ax, metric in zip(row_axes, BUDGET_METRICS, strict=True):
+            ax.set_xscale("log", base=2)
+            if metric != "auc":
+                ax.set_yscale("log")
+            ax.set(xlabel="reference models k", ylabel=metric, title=f"{d}: {metric}")
+        row_axes[-1].legend(fontsize=5, loc="best")
+    fig.tight_layout()
+    results.save_figure(fig, path, dpi=110)
+    return True
+
+
+BUDGET_METRICS = ("auc", "tpr@1%fpr", "tpr@0.1%fpr")
 
 
 def table2_markdown(rows) -> str:
@@ -314,9 +511,14 @@ def table2_markdown(rows) -> str:
                 return f"{m[k]:.3f}" + (f" [{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]" if lo_hi else "")
 
             rmia = a.get("rmia_online") or a.get("rmia_offline") or {}
+            train_acc = r.get("train_accuracy")
             cells.append(
                 [
                     _label(r["compressor"]),
+                    r["steps"],
+                    "-" if train_acc is None else f"{train_acc:.3f}",
+                    f"{r['test_accuracy']:.3f}",
+                    fit_label(r),
                     acc("confidence"),
                     acc("loss"),
                     acc("entropy"),
@@ -334,6 +536,10 @@ def table2_markdown(rows) -> str:
         out += [f"## {d}", ""] + results.markdown_table(
             [
                 "algorithm",
+                "steps",
+                "train acc",
+                "test acc",
+                "fit",
                 "confidence acc (oracle / calibrated)",
                 "loss acc (oracle / calibrated)",
                 "entropy acc (oracle / calibrated)",
@@ -353,7 +559,9 @@ def table2_markdown(rows) -> str:
         out += [
             "",
             f"{n['n_members']} members / {n['n_nonmembers']} non-members per configuration; below "
-            f"1/{n['n_nonmembers']} FPR the TPR is interpolated.",
+            f"1/{n['n_nonmembers']} FPR the TPR is interpolated. Train acc: the target on its own members; test acc: "
+            f"on the pool's non-members; fit: 'converged' at train accuracy >= {CONVERGED_TRAIN_ACCURACY}, else "
+            "'underfit' (a comparison between underfit models measures their utility as much as their leakage).",
             "",
         ]
     return "\n".join(out)
@@ -498,19 +706,39 @@ def plot_roc(curves: dict, path, title: str = "") -> None:
     results.save_figure(fig, path, dpi=120)
 
 
+ROC_ATTACKS = ("rmia_online", "lira_online", "loss")  # drawn in this order: RMIA on top of the legend
+
+
 def roc_figure(mia_records, workdir, path):
-    curves = {}
-    for r in mia_records:
+    """Log-log ROC curves of `ROC_ATTACKS`, one panel per dataset, a colour per compressor."""
+    by_dataset: dict[str, dict] = {}
+    for r in sorted(mia_records, key=lambda r: (_dataset_key(r["dataset"]), _spec_key(r["compressor"]))):
         f = pathlib.Path(workdir) / r["roc"]
         if not f.exists():
             continue
         with np.load(f) as z:
-            for attack in ("loss", "lira_online"):
+            for attack in ROC_ATTACKS:
                 if f"{attack}_fpr" in z:
-                    curves[f"{r['dataset']} {r['compressor']} {attack}"] = (z[f"{attack}_fpr"], z[f"{attack}_tpr"])
-    if curves:
-        plot_roc(curves, path, "Membership inference ROC (log-log)")
-    return bool(curves)
+                    key = f"{_label(r['compressor'])} {attack}"
+                    by_dataset.setdefault(r["dataset"], {})[key] = (z[f"{attack}_fpr"], z[f"{attack}_tpr"])
+    if not by_dataset:
+        return False
+    fig, axes = plt.subplots(1, len(by_dataset), figsize=(4.5 * len(by_dataset), 4.5), squeeze=False)
+    floor = 1e-4
+    for ax, (d, curves) in zip(axes[0], by_dataset.items(), strict=True):
+        labels = list(dict.fromkeys(k.rsplit(" ", 1)[0] for k in curves))  # compressors, in table order
+        colours = {lab: f"C{i}" for i, lab in enumerate(labels)}
+        for key, (fpr, tpr) in curves.items():
+            lab, attack = key.rsplit(" ", 1)
+            style = {"rmia_online": "-", "lira_online": "--", "loss": ":"}[attack]
+            ax.plot(np.maximum(fpr, floor), np.maximum(tpr, floor), style, color=colours[lab], lw=1.1, label=key)
+        ax.plot([floor, 1], [floor, 1], "k-", lw=0.5, alpha=0.5)
+        ax.set(xscale="log", yscale="log", xlim=(floor, 1), ylim=(floor, 1), xlabel="FPR", ylabel="TPR", title=d)
+        ax.legend(fontsize=5, loc="lower right")
+    fig.suptitle("MIA ROC, log-log (RMIA solid, LiRA dashed, loss dotted)", fontsize=9)
+    fig.tight_layout()
+    results.save_figure(fig, path, dpi=120)
+    return True
 
 
 def verdict(ok) -> str:
@@ -598,25 +826,55 @@ def gradinv_claims(rows) -> list[str]:
     return out
 
 
+def _overlap(a, b) -> bool:
+    return a is not None and b is not None and a[0] <= b[1] and b[0] <= a[1]
+
+
 def mia_claims(mrows) -> list[str]:
+    """The paper's Table 2 claim per dataset: by its metric, and by the strongest attack at matched steps and utility.
+
+    "Barely changes" is read as: each compressor's 95% interval of the
+    strongest attack's AUC and TPR at 1% FPR overlaps the uncompressed one's.
+    """
     out = []
+    matched = utility_matched(mrows)
     for d in sorted({r["dataset"] for r in mrows}):
         rs = {r["compressor"]: r for r in mrows if r["dataset"] == d}
-        if "none" in rs and len(rs) > 1:
-            base = rs["none"]["attacks"]["loss"]["oracle_acc"]
-            diffs = {c: 100 * (r["attacks"]["loss"]["oracle_acc"] - base) for c, r in rs.items() if c != "none"}
-            big = max(diffs.items(), key=lambda kv: abs(kv[1]))
-            out.append(
-                f"- Compression barely changes MIA accuracy ({d}, loss attack, oracle): "
-                f"{verdict(abs(big[1]) < 2.0)} (largest change {big[1]:+.2f} points, {big[0]})."
-            )
-            lira = {c: r["attacks"].get("lira_online", {}).get("tpr@1%fpr") for c, r in rs.items()}
-            if all(v is not None for v in lira.values()):
-                out.append(
-                    f"- Extension, LiRA TPR at 1% FPR ({d}): "
-                    + ", ".join(f"{c} {v:.3f}" for c, v in lira.items())
-                    + "."
+        if "none" not in rs or len(rs) < 2:
+            continue
+        base = rs["none"]["attacks"]["loss"]["oracle_acc"]
+        diffs = {c: 100 * (r["attacks"]["loss"]["oracle_acc"] - base) for c, r in rs.items() if c != "none"}
+        big = max(diffs.items(), key=lambda kv: abs(kv[1]))
+        fits = ", ".join(f"{c} {fit_label(r)}" for c, r in rs.items())
+        out.append(
+            f"- Compression barely changes MIA accuracy ({d}, the paper's metric: loss attack, oracle accuracy, "
+            f"matched steps): {verdict(abs(big[1]) < 2.0)} (largest change {big[1]:+.2f} points, {big[0]}; {fits})."
+        )
+        attack = next((a for a in ("rmia_online", "lira_online") if a in rs["none"]["attacks"]), None)
+        if attack is None:
+            continue
+        at_utility = {m["compressor"]: m for m in matched if m["dataset"] == d}
+        comparisons = [("matched steps", {c: r["snapshots"][-1] for c, r in rs.items()})]
+        if all(at_utility[c]["matched"] for c in rs):
+            comparisons.append(("matched utility", {c: at_utility[c] for c in rs}))
+        else:
+            out.append(f"- ({d}) No matched-utility verdict: some compressor has no snapshot within 0.02 of the level.")
+        for label, snaps in comparisons:
+            ref = snaps["none"]["attacks"][attack]
+            parts, same = [], True
+            for c, snap in snaps.items():
+                m = snap["attacks"][attack]
+                if c != "none":
+                    same &= _overlap(m.get("auc_ci"), ref.get("auc_ci"))
+                    same &= _overlap(m.get("tpr@1%fpr_ci"), ref.get("tpr@1%fpr_ci"))
+                parts.append(
+                    f"{c} AUC {_metric_cell(m, 'auc')}, TPR@1%FPR {_metric_cell(m, 'tpr@1%fpr')} "
+                    f"(step {snap['step']}, test acc {snap['test_accuracy']:.3f})"
                 )
+            out.append(
+                f"- Compression does not change membership risk ({d}, {attack}, {label}; intervals overlap "
+                f"SGD's): {verdict(same)}: " + "; ".join(parts) + "."
+            )
     return out
 
 
@@ -666,7 +924,11 @@ def report_markdown(rows, mrows, setting, paper_match: bool) -> str:
             "## Table 2 beside the paper (oracle accuracy: confidence / loss / entropy)",
             "",
         ] + results.markdown_table(beside, table2)
-    out += ["", "Files: table1.md, table1.csv, figure1.png, ssim_vs_compression.png, table2.md, roc.png, utility.md."]
+    out += [
+        "",
+        "Files: table1.md, table1.csv, figure1.png, ssim_vs_compression.png, table2.md, roc.png, utility.md, "
+        "mia_matched.md, mia_budget.md, mia_budget.png.",
+    ]
     return "\n".join(out) + "\n"
 
 
@@ -700,11 +962,16 @@ def write_reports(workdir) -> list[pathlib.Path]:
     written.append(workdir / "table1.csv")
     put("table2.md", table2_markdown(mrows) if mrows else "# Table 2: membership inference\n\nNo MIA units yet.\n")
     put("utility.md", utility_markdown(mrows))
+    if mrows:
+        put("mia_matched.md", mia_matched_markdown(mrows))
+    if any(r["budgets"] for r in mrows):
+        put("mia_budget.md", mia_budget_markdown(mrows))
     put("report.md", report_markdown(rows, mrows, setting, paper_match))
     for name, fn in (
         ("figure1.png", lambda p: figure1(g, workdir, p)),
         ("ssim_vs_compression.png", lambda p: ssim_vs_compression(rows, p)),
         ("roc.png", lambda p: roc_figure(m, workdir, p)),
+        ("mia_budget.png", lambda p: budget_figure(mrows, p)),
     ):
         if fn(workdir / name):
             written.append(workdir / name)

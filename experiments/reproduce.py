@@ -105,6 +105,7 @@ flags.DEFINE_enum(
     "the model's normalisation: batch (BatchNorm, "
     "synchronised or local by --batchnorm), group (GroupNorm) or none: the controls without BatchNorm",
 )
+flags.DEFINE_bool("gradinv", True, "run gradient-inversion units (--gradinv=false: membership inference only)")
 flags.DEFINE_bool("mia", None, "run membership inference units")
 flags.DEFINE_list("mia_datasets", None, "datasets for membership inference (default: --datasets)")
 flags.DEFINE_list("mia_compressors", None, "compressors for membership inference (default: --compressors)")
@@ -112,6 +113,11 @@ flags.DEFINE_integer("mia_shadows", None, "shadow models per MIA configuration")
 flags.DEFINE_integer("mia_steps", None, "training steps of target and shadow models")
 flags.DEFINE_integer("mia_pool", None, "images in the MIA pool (members + non-members)")
 flags.DEFINE_integer("mia_population", None, "RMIA's population: images after the pool, in no model's training set")
+flags.DEFINE_enum("mia_split", "paired", shadows.SPLITS, "reference models' IN/OUT design (shadows.shadow_splits)")
+flags.DEFINE_list(
+    "mia_snapshots", None, "also score the models after these training steps (utility-matched comparison)"
+)
+flags.DEFINE_list("mia_budgets", None, "reference-model budgets k for the budget curves (first k references)")
 flags.DEFINE_integer("parallel_models", 1, "target/shadow models trained at once (train.fit_many); >1 on real devices")
 flags.DEFINE_integer("batch_size", 64, "global training batch (victims at --attack_step > 0, MIA models)")
 flags.DEFINE_string("data_source", "auto", "auto | npz | sample | tfds")
@@ -155,8 +161,22 @@ SETTING_FIELDS = {
         "train_batch",
         "matmul_dtype",
     ),
-    "mia": ("model", "norm", "seed", "mia_shadows", "mia_steps", "mia_pool", "mia_population", "batch_size"),
+    "mia": (
+        "model",
+        "norm",
+        "seed",
+        "mia_shadows",
+        "mia_steps",
+        "mia_pool",
+        "mia_population",
+        "batch_size",
+        "mia_split",
+        "mia_snapshots",
+        "mia_budgets",
+    ),
 }
+# What a MIA record from before a field existed was computed with.
+MIA_FIELD_DEFAULTS = {"mia_split": "balanced", "mia_snapshots": [], "mia_budgets": []}
 PER_CELL_FIELDS = {"gradinv": ("data_source", "start_iter"), "mia": ("data_source",)}
 
 
@@ -168,6 +188,12 @@ def apply_preset():
         FLAGS.mia_datasets = list(FLAGS.datasets)
     if FLAGS.mia_compressors is None:
         FLAGS.mia_compressors = list(FLAGS.compressors)
+    for flag in ("mia_snapshots", "mia_budgets"):  # absl lists hold strings; presets give ints
+        values = getattr(FLAGS, flag) or []
+        try:
+            setattr(FLAGS, flag, [int(v) for v in values])
+        except ValueError as e:
+            raise ConfigError(f"--{flag}={','.join(map(str, values))}: integers expected.") from e
     if FLAGS.group is None:
         FLAGS.group = max(1, FLAGS.images // FLAGS.victim_batch)
 
@@ -216,6 +242,15 @@ def validate(params_by_dataset, datasets):
     if FLAGS.mia:
         if FLAGS.mia_population < 0:
             raise ConfigError(f"--mia_population must be >= 0, got {FLAGS.mia_population}.")
+        for flag, low, high in (("mia_snapshots", 1, FLAGS.mia_steps - 1), ("mia_budgets", 1, FLAGS.mia_shadows)):
+            values = getattr(FLAGS, flag)
+            if not all(isinstance(v, int) and low <= v <= high for v in values):
+                raise ConfigError(f"--{flag}={','.join(map(str, values))}: each must be an integer in [{low}, {high}].")
+        if FLAGS.mia_split == "balanced" and any(k < FLAGS.mia_shadows for k in FLAGS.mia_budgets):
+            raise ConfigError(
+                "--mia_budgets below --mia_shadows need --mia_split=paired: with balanced splits a subset of the "
+                "references can lack an IN or an OUT model for some examples."
+            )
         for name in FLAGS.mia_datasets:
             have = len(datasets[name].x_train) + len(datasets[name].x_test)
             if FLAGS.mia_pool + FLAGS.mia_population > have:
@@ -278,7 +313,7 @@ def plan_units(datasets, done_records) -> list[dict]:
         if r.get("kind") == "gradinv":
             covered.setdefault(setting_key(r), set()).update(tuple(v) for v in r.get("victim_ids", []))
     units = []
-    for name in FLAGS.datasets:
+    for name in FLAGS.datasets if FLAGS.gradinv else []:
         ds = datasets[name]
         batches = victim_batches(ds, FLAGS.images, FLAGS.victim_batch, FLAGS.workers, FLAGS.seed)
         for spec in FLAGS.compressors:
@@ -336,6 +371,9 @@ def plan_units(datasets, done_records) -> list[dict]:
                         mia_pool=FLAGS.mia_pool,
                         mia_population=FLAGS.mia_population,
                         batch_size=FLAGS.batch_size,
+                        mia_split=FLAGS.mia_split,
+                        mia_snapshots=sorted(set(FLAGS.mia_snapshots)),
+                        mia_budgets=sorted(set(FLAGS.mia_budgets)),
                         data_source=datasets[name].source,
                     )
                 )
@@ -395,6 +433,9 @@ def read_all_records(workdir: pathlib.Path) -> list[dict]:
         for r in results.read_records(path).records:
             if r.get("kind") == "gradinv":
                 r.setdefault("matmul_dtype", "float32")  # records from before the option attacked in fp32
+            if r.get("kind") == "mia":
+                for name, value in MIA_FIELD_DEFAULTS.items():
+                    r.setdefault(name, value)
             seen.setdefault(r.get("key"), r)
     return list(seen.values())
 
@@ -632,13 +673,94 @@ def trained_victim(u: dict, ds: data.Dataset, workdir: pathlib.Path):
     return {"params": tree["params"], "batch_stats": tree["batch_stats"]}, tree["comp_state"]
 
 
+BUDGET_ATTACKS = ("lira_online", "lira_offline", "rmia_online", "rmia_offline", "loss")
+BUDGET_METRICS = ("auc", "tpr@1%fpr", "tpr@0.1%fpr")
+BUDGET_SUBSETS = 4  # disjoint reference subsets scored per budget (fewer where K / k is smaller)
+SMALL_BUDGET_OFFLINE_A = 0.5  # RMIA's a where k < 3 references cannot tune it (the middle of its grid)
+
+
+def mia_budget_rows(logits: dict, labels, is_member, budgets, seed: int) -> list[dict]:
+    """Budget curves: every attack of `BUDGET_ATTACKS` with only k of the K references, for each k in `budgets`.
+
+    For budget k the references are the disjoint blocks [jk, (j+1)k) of the
+    K (j < `BUDGET_SUBSETS`, K // k blocks at most); with paired splits every
+    block of even k holds an IN and an OUT model for each example. Each
+    metric is the mean over the blocks, with their min and max, and the first
+    block's 95% bootstrap interval. Online attacks need an IN and an OUT
+    reference per example (k >= 2); with k = 1 the offline attacks score the
+    examples the one reference did not train on (a random half of the pool,
+    members and non-members alike). RMIA's ``a`` is tuned on the block's own
+    references where k >= 3, and fixed at `SMALL_BUDGET_OFFLINE_A` below.
+    LiRA's global variance pools the spread within examples where every
+    example has 2 IN and 2 OUT references, else the spread of all values
+    (`membership.membership_table`'s ``"auto"``).
+    """
+    k_all = len(logits["shadows"])
+    rows = []
+
+    def table(block: list[int]) -> tuple[dict, str, int]:
+        refs_in = logits["shadow_in"][block]
+        # One reference is OUT for only the examples it did not train on: k = 1 scores those (a random half).
+        rows_ = (~refs_in).any(0) if len(block) == 1 else np.ones(len(labels), bool)
+        refs_in = refs_in[:, rows_]
+        t = membership.membership_table(
+            [z[rows_] for z in logits["target"]],
+            labels[rows_],
+            is_member[rows_],
+            shadow_logits=[[z[rows_] for z in logits["shadows"][i]] for i in block],
+            shadow_in=refs_in,
+            population_labels=logits["population_labels"],
+            population_target_logits=logits["population_target"],
+            population_shadow_logits=[logits["population_shadows"][i] for i in block]
+            if logits["population_target"] is not None
+            else None,
+            rmia_offline_a=None if len(block) >= 3 else SMALL_BUDGET_OFFLINE_A,
+            bootstrap=200,
+            seed=seed,
+        ).table
+        pooling = t.get("lira_offline", {}).get("variance_pooling", "-")  # membership_table's "auto" choice
+        return t, pooling, int(rows_.sum())
+
+    for k in budgets:
+        blocks = [list(range(j * k, (j + 1) * k)) for j in range(min(k_all // k, BUDGET_SUBSETS))]
+        scored = [table(b) for b in blocks]
+        tables = [t for t, _, _ in scored]
+        attacks = {}
+        for name in BUDGET_ATTACKS:
+            if name not in tables[0]:
+                continue
+            row = {}
+            for m in BUDGET_METRICS:
+                vals = [t[name][m] for t in tables]
+                row.update({m: float(np.mean(vals)), f"{m}_range": [float(min(vals)), float(max(vals))]})
+                row[f"{m}_ci"] = tables[0][name][f"{m}_ci"]
+            attacks[name] = row
+        rows.append(
+            dict(
+                references=k,
+                subsets=len(blocks),
+                variance_pooling=scored[0][1],
+                examples=scored[0][2],
+                attacks=attacks,
+            )
+        )
+    return rows
+
+
 def run_mia_unit(u: dict, ds: data.Dataset, workdir: pathlib.Path, parallel_models: int = 1) -> dict:
-    """One MIA unit: a pure function of its record `u`; `parallel_models` changes speed, not results."""
+    """One MIA unit: a pure function of its record `u`; `parallel_models` changes speed, not results.
+
+    The target and ``mia_shadows`` references train for ``mia_steps`` steps
+    (snapshots at ``mia_snapshots``); each snapshot gets the full table with
+    the models' train and test accuracy, the final models the budget curves
+    (``mia_budgets``) and the ROC curves.
+    """
     pool, population = u["mia_pool"], u["mia_population"]
     x_all = data.normalize(np.concatenate([ds.x_train, ds.x_test])[: pool + population], ds.name)
     y_all = np.concatenate([ds.y_train, ds.y_test])[: pool + population]
     x, y = x_all[:pool], y_all[:pool]
     split = pathlib.Path("roc") / f"{u['key']}_split.npz"
+    t0 = time.time()
     setup = shadows.train_target_and_shadows(
         x,
         y,
@@ -650,28 +772,66 @@ def run_mia_unit(u: dict, ds: data.Dataset, workdir: pathlib.Path, parallel_mode
         seed=u["seed"],
         split_path=workdir / split,
         parallel_models=parallel_models,
+        split=u["mia_split"],
+        snapshot_steps=u["mia_snapshots"],
     )
-    rep = membership.evaluate_membership(
-        setup.target_predict,
-        x,
-        y,
-        setup.is_member,
-        shadow_predicts=setup.shadow_predicts,
-        shadow_in=setup.shadow_in,
-        augment="flip" if ds.name != "mnist" else "none",
-        population_images=x_all[pool:] if population else None,
-        population_labels=y_all[pool:] if population else None,
-        bootstrap=200,
-        seed=u["seed"],
-    )
+    train_seconds = time.time() - t0
+    augment = "flip" if ds.name != "mnist" else "none"
+    views = membership.augmentations(x, augment)
+    pop_views = membership.augmentations(x_all[pool:], augment) if population else []
+    if population:
+        membership.check_population_disjoint(x, x_all[pool:])
+    snapshots, rep, logits = [], None, None
+    for snap in setup.snapshots:
+        logits = dict(
+            target=[snap.target_predict(v) for v in views],
+            shadows=[[p(v) for v in views] for p in snap.shadow_predicts],
+            shadow_in=setup.shadow_in,
+            population_labels=y_all[pool:] if population else None,
+            population_target=[snap.target_predict(v) for v in pop_views] if population else None,
+            population_shadows=[[p(v) for v in pop_views] for p in snap.shadow_predicts] if population else None,
+        )
+        rep = membership.membership_table(
+            logits["target"],
+            y,
+            setup.is_member,
+            shadow_logits=logits["shadows"] or None,
+            shadow_in=setup.shadow_in,
+            population_labels=logits["population_labels"],
+            population_target_logits=logits["population_target"],
+            population_shadow_logits=logits["population_shadows"],
+            bootstrap=200,
+            seed=u["seed"],
+        )
+        snapshots.append(
+            dict(
+                step=snap.step,
+                train_accuracy=snap.target_train_accuracy,
+                test_accuracy=snap.target_test_accuracy,
+                shadow_test_accuracy=snap.shadow_test_accuracy,
+                attacks=rep.table,
+            )
+        )
+    budgets = mia_budget_rows(logits, y, setup.is_member, u["mia_budgets"], u["seed"]) if u["mia_budgets"] else []
     roc = pathlib.Path("roc") / f"{u['key']}.npz"
     buf = io.BytesIO()
     np.savez_compressed(
         buf, **{f"{k}_fpr": v[0] for k, v in rep.roc.items()}, **{f"{k}_tpr": v[1] for k, v in rep.roc.items()}
     )
     results.write_atomic(workdir / roc, buf.getvalue())
+    final = snapshots[-1]
     return dict(
-        u, attacks=rep.table, test_accuracy=setup.target_test_accuracy, wire=setup.wire, roc=str(roc), split=str(split)
+        u,
+        attacks=final["attacks"],
+        test_accuracy=final["test_accuracy"],
+        train_accuracy=final["train_accuracy"],
+        shadow_test_accuracy=final["shadow_test_accuracy"],
+        snapshots=snapshots,
+        budgets=budgets,
+        wire=setup.wire,
+        roc=str(roc),
+        split=str(split),
+        seconds=dict(train=train_seconds, total=time.time() - t0),
     )
 
 

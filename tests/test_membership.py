@@ -295,3 +295,75 @@ def test_bad_inputs_raise():
         mia.lira_scores(np.zeros(4), np.zeros((2, 4)), np.ones((2, 4), bool), online=False)
     with pytest.raises(mia.MembershipError, match="shadow scores .* do not line up"):
         mia.lira_scores(np.zeros(4), np.zeros((2, 5)), np.ones((2, 4), bool))
+
+
+def test_paired_splits_hold_an_in_and_an_out_model_in_every_even_prefix():
+    masks = shadows.shadow_splits(101, 8, seed=3)
+    assert masks.shape == (8, 101)
+    np.testing.assert_array_equal(masks[0::2], ~masks[1::2])  # pairs of complementary halves
+    for k in (2, 4, 6, 8):
+        assert (masks[:k].sum(0) == k // 2).all()
+    balanced = shadows.shadow_splits(101, 8, seed=3, design="balanced")
+    assert (balanced.sum(0) == 4).all() and not all((balanced[:2].sum(0) == 1))
+    with pytest.raises(mia.MembershipError, match="unknown shadow split"):
+        shadows.shadow_splits(10, 2, 0, design="random")
+
+
+def test_table_from_logits_equals_the_table_from_predict_functions():
+    rng = np.random.default_rng(0)
+    n, k, c = 60, 4, 5
+    logits = rng.normal(size=(k + 1, n, c)) * 3
+    labels = rng.integers(0, c, n)
+    is_member = rng.random(n) < 0.5
+    shadow_in = shadows.shadow_splits(n, k, seed=0)
+    pop = rng.normal(size=(k + 1, 30, c))
+    pop_labels = rng.integers(0, c, 30)
+    images, pop_images = np.arange(n, dtype=np.float32)[:, None], 1000 + np.arange(30, dtype=np.float32)[:, None]
+
+    def predict(j):  # model j's logits for the evaluation images or the population, found by value
+        return lambda v: logits[j][v[:, 0].astype(int)] if v[0, 0] < 1000 else pop[j][v[:, 0].astype(int) - 1000]
+
+    kw = dict(bootstrap=20, rmia_offline_a=0.4)
+    via_predict = mia.evaluate_membership(
+        predict(0),
+        images,
+        labels,
+        is_member,
+        shadow_predicts=[predict(j) for j in range(1, k + 1)],
+        shadow_in=shadow_in,
+        population_images=pop_images,
+        population_labels=pop_labels,
+        **kw,
+    ).table
+    via_logits = mia.membership_table(
+        [logits[0]],
+        labels,
+        is_member,
+        shadow_logits=[[logits[j]] for j in range(1, k + 1)],
+        shadow_in=shadow_in,
+        population_labels=pop_labels,
+        population_target_logits=[pop[0]],
+        population_shadow_logits=[[pop[j]] for j in range(1, k + 1)],
+        **kw,
+    ).table
+    assert via_predict.keys() == via_logits.keys() and "rmia_online" in via_logits
+    for name in via_logits:
+        assert via_predict[name]["auc"] == via_logits[name]["auc"], name
+
+
+def test_one_value_per_example_has_no_within_example_spread():
+    rng = np.random.default_rng(0)
+    shadow_in = shadows.shadow_splits(40, 2, seed=0)  # one IN and one OUT reference per example
+    phi = rng.normal(size=(2, 40))
+    with pytest.raises(mia.MembershipError, match="spread within an example is undefined"):
+        mia.lira_scores(phi[0], phi, shadow_in, global_variance=True)
+    logits = [rng.normal(size=(40, 3)) for _ in range(3)]
+    labels, is_member = rng.integers(0, 3, 40), rng.random(40) < 0.5
+    kw = dict(shadow_logits=[[z] for z in logits[1:]], shadow_in=shadow_in, bootstrap=5)
+    t = mia.membership_table([logits[0]], labels, is_member, **kw).table
+    assert t["lira_online"]["variance_pooling"] == "all_values"  # "auto": the spread of all values
+    four = shadows.shadow_splits(40, 4, seed=0)
+    kw4 = dict(shadow_logits=[[rng.normal(size=(40, 3))] for _ in range(4)], shadow_in=four, bootstrap=5)
+    assert mia.membership_table([logits[0]], labels, is_member, **kw4).table["lira_online"]["variance_pooling"] == (
+        "within"
+    )

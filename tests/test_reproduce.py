@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -11,13 +12,16 @@ import time
 
 import numpy as np
 import pytest
+from absl import flags
 
 from experiments import report
+from experiments import reproduce as reproduce_lib
 from experiments.reproduce import process_share
 from trustsgd_jax import results
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=ROOT)
+FLAGS = flags.FLAGS
 
 
 def reproduce(workdir, *extra, timeout=600):
@@ -43,6 +47,11 @@ def lines(path):
     return path.read_text().splitlines()
 
 
+def untimed(path):
+    """The records of a results file in order, without the wall-clock seconds MIA units keep."""
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines(path)]
+
+
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("full")
@@ -63,6 +72,9 @@ def test_tiny_run_writes_every_report_and_tables_parse_back(full_run):
         "utility.md",
         "report.md",
         "roc.png",
+        "mia_matched.md",
+        "mia_budget.md",
+        "mia_budget.png",
     ):
         assert (workdir / name).stat().st_size > 0, name
     recs = results.read_records(workdir / "results.jsonl").records
@@ -79,9 +91,30 @@ def test_tiny_run_writes_every_report_and_tables_parse_back(full_run):
         assert f"{r['attacks']['loss']['auc']:.3f}" in t2
         assert f"{r['test_accuracy']:.4f}" in (workdir / "utility.md").read_text()
     assert "oracle" in t2 and "calibrated" in t2
+    budget_md = (workdir / "mia_budget.md").read_text()
+    for r in mia:  # the tiny preset: snapshots at 5 of 10 steps, budgets 1, 2, 4 of 4 references
+        assert [s["step"] for s in r["snapshots"]] == [5, 10] and r["snapshots"][-1]["attacks"] == r["attacks"]
+        assert [b["references"] for b in r["budgets"]] == [1, 2, 4] and [b["subsets"] for b in r["budgets"]] == [
+            4,
+            2,
+            1,
+        ]
+        assert "lira_online" not in r["budgets"][0]["attacks"] and "rmia_online" in r["budgets"][1]["attacks"]
+        full = r["budgets"][-1]["attacks"]["lira_online"]  # all 4 references: the final table's row
+        assert full["auc"] == r["attacks"]["lira_online"]["auc"]
+        assert f"{full['auc']:.3f}" in budget_md
     assert "## Claims" in (workdir / "report.md").read_text()
     assert "SSIM" in stdout and "4 units to run" in stdout
     assert all(r["workers"] == 2 and r["bn_statistics"] == "eval" and r["observer"] == "worker" for r in gradinv)
+
+
+def test_utility_matched_takes_each_compressor_s_first_snapshot_at_the_common_level():
+    def row(c, accs):
+        snaps = [dict(step=10 * (i + 1), test_accuracy=a, attacks={}) for i, a in enumerate(accs)]
+        return dict(dataset="d", compressor=c, snapshots=snaps)
+
+    got = report.utility_matched([row("none", [0.5, 0.7, 0.8]), row("powersgd:1", [0.3, 0.6, 0.65])])
+    assert [(m["compressor"], m["step"], m["level"]) for m in got] == [("none", 20, 0.65), ("powersgd:1", 30, 0.65)]
 
 
 def test_attack_at_step_t_trains_each_victim_once(tmp_path):
@@ -251,7 +284,7 @@ def test_killed_run_resumes_to_the_same_results(full_run, tmp_path):
     out = reproduce(tmp_path)
     assert out.returncode == 0, out.stderr
     assert f"{killed_at} already done" in out.stdout
-    assert lines(path) == lines(workdir / "results.jsonl")  # same content, no unit done twice
+    assert untimed(path) == untimed(workdir / "results.jsonl")  # same content, no unit done twice
 
 
 def test_truncated_last_line_is_reported_and_redone(full_run, tmp_path):
@@ -266,7 +299,7 @@ def test_truncated_last_line_is_reported_and_redone(full_run, tmp_path):
     out = reproduce(tmp_path)
     assert out.returncode == 0, out.stderr
     assert "was cut short" in out.stdout and "3 already done" in out.stdout
-    assert (tmp_path / "results.jsonl").read_text() == good
+    assert untimed(tmp_path / "results.jsonl") == untimed(workdir / "results.jsonl")
     assert (tmp_path / "results.jsonl.corrupt").exists()
 
 
@@ -302,11 +335,26 @@ def test_corrupt_middle_line_raises(tmp_path):
         ("--observers=server", "unknown observer 'server'"),
         ("--attack_step=1 --batch_size=30 --workers=4", "must be a positive multiple of --workers=4"),
         ("--workers=8 --victim_batch=600 --images=600", "exceeds the 4000 training images"),
+        ("--mia_budgets=1,8", "--mia_budgets=1,8: each must be an integer in [1, 4]"),
+        ("--mia_split=balanced", "need --mia_split=paired"),
     ],
 )
 def test_bad_flags_fail_before_any_work(tmp_path, flag, message):
-    out = reproduce(tmp_path, *flag.split())
-    assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
+    """In this process (a subprocess per case cost ~9 s of imports each); the command line's exit code below."""
+    FLAGS.unparse_flags()
+    FLAGS(["reproduce", "--preset=tiny", f"--workdir={tmp_path}", "--progress=false", *flag.split()])
+    try:
+        with pytest.raises(ValueError, match=re.escape(message)):  # ConfigError, or what main turns into one
+            reproduce_lib.apply_preset()
+            reproduce_lib.prepare()
+    finally:
+        FLAGS.unparse_flags()
+    assert not (tmp_path / "results.jsonl").exists()
+
+
+def test_a_bad_flag_exits_with_code_2_and_names_the_problem(tmp_path):
+    out = reproduce(tmp_path, "--compressors=none,powerful:2")
+    assert out.returncode == 2 and "unknown compressor spec" in out.stderr, out.stderr[-2000:]
     assert not (tmp_path / "results.jsonl").exists()
 
 

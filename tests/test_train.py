@@ -196,11 +196,15 @@ def test_fit_many_trains_the_same_models_as_sequential_fits(mnist):
     masks = np.stack([rng.random(512) < 0.5, rng.random(512) < 0.5])
     model = models.make_model("convnet", 10, norm="batch", axis_name=train.AXIS, width=8, conv_impl="patches")
     c = compress.powersgd(rank=1)
-    many = train.fit_many(model, c, x, y, masks, [3, 4], steps=6, global_batch=64)
+    kept = {}
+    many = train.fit_many(
+        model, c, x, y, masks, [3, 4], steps=6, global_batch=64, snapshot_steps=[3], on_snapshot=kept.setdefault
+    )
     for k, seed in enumerate([3, 4]):
-        one = train.fit(model, c, x[masks[k]], y[masks[k]], steps=6, global_batch=64, seed=seed, progress=False)
-        for a, b in zip(jax.tree.leaves(many[k].params), jax.tree.leaves(one.state.params)):
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
+        for steps, got in ((6, many[k]), (3, kept[3][k])):  # the final models and the snapshot, in model order
+            one = train.fit(model, c, x[masks[k]], y[masks[k]], steps=steps, global_batch=64, seed=seed, progress=False)
+            for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(one.state.params)):
+                np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
 
 
 @pytest.mark.parametrize(
@@ -232,3 +236,29 @@ def test_patches_conv_equals_native_conv_to_second_order(h, cin, cout, k, stride
         np.testing.assert_allclose(
             jax.grad(weight_grad_norm(patches))(x), jax.grad(weight_grad_norm(native))(x), rtol=1e-4, atol=1e-2
         )
+
+
+def test_a_snapshot_is_the_model_fit_returns_at_that_step(mnist):
+    ds, x, _ = mnist
+    x, y = x[:256], ds.y_train[:256]
+    model = models.make_model("convnet", 10, norm="batch", axis_name=train.AXIS, width=8)
+    c = compress.powersgd(rank=1)
+    kept = {}
+    train.fit(
+        model,
+        c,
+        x,
+        y,
+        steps=5,
+        global_batch=64,
+        progress=False,
+        snapshot_steps=[2, 4],
+        on_snapshot=lambda n, st: kept.setdefault(n, jax.device_get(st.params)),
+    )
+    assert sorted(kept) == [2, 4]
+    for n in (2, 4):
+        short = train.fit(model, c, x, y, steps=n, global_batch=64, progress=False).state
+        for a, b in zip(jax.tree.leaves(kept[n]), jax.tree.leaves(short.params), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="snapshot_steps must lie in"):
+        train.fit(model, c, x, y, steps=3, global_batch=64, progress=False, snapshot_steps=[4], on_snapshot=print)

@@ -222,8 +222,12 @@ def _run_steps(
     progress: bool,
     words_through: Callable[[int], int],
     desc: str = "train",
+    on_step: Callable[[int, Any], None] | None = None,
 ):
-    """The training loop `fit` and `fit_many` share: steps, logging, the NaN/Inf stop, a progress bar."""
+    """The training loop `fit` and `fit_many` share: steps, logging, the NaN/Inf stop, a progress bar.
+
+    ``on_step(n, state)`` is called after step n (1-based) with the replicated state.
+    """
     history: list[dict] = []
     t0 = time.time()
     bar = tqdm(
@@ -243,6 +247,8 @@ def _run_steps(
             rec.update(step=i + 1, seconds=time.time() - t0, wire_words=words_through(i + 1))
             history.append(rec)
             bar.set_postfix(loss=f"{np.mean(m['loss']):.3f}", acc=f"{np.mean(m['accuracy']):.3f}")
+        if on_step is not None:
+            on_step(i + 1, state)
         bar.update(1)
     bar.close()
     jax.block_until_ready(state)
@@ -280,6 +286,8 @@ def fit(
     use_shard_map: bool = False,
     devices: list | None = None,
     on_message: Callable[[StepMessage], None] | None = None,
+    snapshot_steps=(),
+    on_snapshot: Callable[[int, TrainState], None] | None = None,
 ) -> FitResult:
     """Trains `model` with `compressor` on normalised float images, data-parallel.
 
@@ -288,6 +296,11 @@ def fit(
     to its local devices, so single- and multi-process runs see the same data.
     ``on_message`` (one process) is called after every step with what went
     on the wire (`StepMessage`), for observers of a whole run.
+    ``on_snapshot(n, state)`` is called after each step n in
+    ``snapshot_steps`` with a host (NumPy) copy of the unreplicated
+    `TrainState` (the model after n steps, as `fit(steps=n)` would return
+    it), for curves over training from one run; evaluate it after `fit`
+    returns.
     """
     optimizer = optimizer or optax.sgd(0.05, momentum=0.9)
     n_global = len(devices) if devices else jax.device_count()
@@ -321,6 +334,11 @@ def fit(
             steps_done[0] += 1
             return state, metrics
 
+    def unreplicated(state) -> TrainState:
+        return TrainState(
+            unreplicate(state.params), unreplicate(state.batch_stats), unreplicate(state.opt_state), state.comp_state
+        )
+
     state, history, seconds = _run_steps(
         run,
         replicate(state, n_local),
@@ -329,11 +347,28 @@ def fit(
         log_every=log_every,
         progress=progress,
         words_through=_words_through(model, compressor, state),
+        on_step=_snapshot_hook(snapshot_steps, on_snapshot, unreplicated, steps),
     )
-    out = TrainState(
-        unreplicate(state.params), unreplicate(state.batch_stats), unreplicate(state.opt_state), state.comp_state
-    )
-    return FitResult(out, history, wire, seconds)
+    return FitResult(unreplicated(state), history, wire, seconds)
+
+
+def _snapshot_hook(snapshot_steps, on_snapshot, convert: Callable, steps: int):
+    """`_run_steps`' on_step that calls ``on_snapshot(n, convert(state))`` at the steps asked for (checked)."""
+    wanted = sorted({int(n) for n in snapshot_steps})
+    if wanted and on_snapshot is None:
+        raise ValueError("snapshot_steps were given without on_snapshot.")
+    if wanted and not 1 <= wanted[0] <= wanted[-1] <= steps:
+        raise ValueError(f"snapshot_steps must lie in [1, steps={steps}], got {wanted}.")
+    if not wanted:
+        return None
+
+    def hook(n: int, state) -> None:
+        if n in wanted:
+            # Host copies: device work the callback would start between steps (an evaluation on device 0, say)
+            # can leave simulated CPU devices waiting in the next step's all-reduce past XLA's rendezvous timeout.
+            on_snapshot(n, jax.device_get(convert(state)))
+
+    return hook
 
 
 def fit_many(
@@ -349,6 +384,8 @@ def fit_many(
     optimizer: optax.GradientTransformation | None = None,
     log_every: int = 50,
     progress: bool = False,
+    snapshot_steps=(),
+    on_snapshot: Callable[[int, list[TrainState]], None] | None = None,
 ) -> list[TrainState]:
     """Trains K models at once, model k on ``x_train[masks[k]]`` with seed ``seeds[k]``, as `fit` trains one.
 
@@ -358,6 +395,7 @@ def fit_many(
     and K models share every compiled program. With ``conv_impl='patches'``
     the per-model convolutions become batched matmuls. Returns K unreplicated
     states (params, batch_stats, opt_state; comp_state stacked per device).
+    ``snapshot_steps`` / ``on_snapshot`` as in `fit`, with the K states.
     """
     masks = np.asarray(masks, bool)
     k = len(masks)
@@ -380,23 +418,33 @@ def fit_many(
         ]
         return np.stack([s[0] for s in shards], 1), np.stack([s[1] for s in shards], 1)
 
+    def per_model(state) -> list[TrainState]:
+        first = unreplicate(state)
+
+        def model_state(j: int) -> TrainState:
+            def pick(a):
+                return a[j]
+
+            return TrainState(
+                jax.tree.map(pick, first.params),
+                jax.tree.map(pick, first.batch_stats),
+                jax.tree.map(pick, first.opt_state),
+                jax.tree.map(lambda a: a[:, j], state.comp_state),
+            )
+
+        return [model_state(j) for j in range(k)]
+
     state, _, _ = _run_steps(
-        run, state, batch, steps=steps, log_every=log_every, progress=progress, words_through=words_through
+        run,
+        state,
+        batch,
+        steps=steps,
+        log_every=log_every,
+        progress=progress,
+        words_through=words_through,
+        on_step=_snapshot_hook(snapshot_steps, on_snapshot, per_model, steps),
     )
-    first = unreplicate(state)
-
-    def model_state(j: int) -> TrainState:
-        def pick(a):
-            return a[j]
-
-        return TrainState(
-            jax.tree.map(pick, first.params),
-            jax.tree.map(pick, first.batch_stats),
-            jax.tree.map(pick, first.opt_state),
-            jax.tree.map(lambda a: a[:, j], state.comp_state),
-        )
-
-    return [model_state(j) for j in range(k)]
+    return per_model(state)
 
 
 def eval_model(model: nn.Module) -> nn.Module:

@@ -292,6 +292,17 @@ def lira_scores(
         raise MembershipError("some examples have no IN or no OUT shadow model: train more shadows (K >= 4).")
     if not w_out.any(0).all():
         raise MembershipError("some examples have no OUT shadow model: train more shadows.")
+    for side, w in (("OUT", w_out), ("IN", w_in) if online else ("OUT", w_out)):
+        if not global_variance and w.sum(0).min() < 2:
+            raise MembershipError(
+                f"some example has fewer than 2 {side} shadow models, so its own variance is undefined: train more "
+                "shadows or use global_variance=True."
+            )
+        if global_variance and variance_pooling == "within" and w.sum(0).max() < 2:
+            raise MembershipError(
+                f"no example has 2 {side} shadow models, so the spread within an example is undefined: train more "
+                "shadows or use variance_pooling='all_values' (the spread of all values, LiRA's reference code)."
+            )
     mu_out, sd_out, _ = _lira_fit(sp, w_out, global_variance, center, variance_pooling)
     if online:
         mu_in, sd_in, _ = _lira_fit(sp, w_in, global_variance, center, variance_pooling)
@@ -619,7 +630,7 @@ def evaluate_membership(
     global_variance_below: int = LIRA_GLOBAL_VARIANCE_BELOW,
     lira_offline_tests: tuple[str, ...] = ("one_sided",),
     lira_center: str = "mean",
-    lira_variance_pooling: str = "within",
+    lira_variance_pooling: str = "auto",
     population_images=None,
     population_labels=None,
     rmia_gamma: float = RMIA_GAMMA,
@@ -656,7 +667,10 @@ def evaluate_membership(
         plotting density). See `lira_scores`.
       lira_center, lira_variance_pooling: `lira_scores`' ``center`` and
         ``variance_pooling``; `lira_scores` gives the reasons for the
-        defaults (mean, within).
+        defaults (mean, within). ``"auto"`` (default) pools within examples
+        where every example has at least 2 IN and 2 OUT references, and
+        takes the spread of all values below that, where the spread within
+        an example is undefined (one value); the rows record which.
       population_images, population_labels: RMIA's population Z, samples
         that no model trained on (checked: none may equal an evaluation
         image, `check_population_disjoint`). Their scores come from the same
@@ -675,7 +689,7 @@ def evaluate_membership(
     for name in lira_offline_tests:
         _choice(name, LIRA_OFFLINE_TESTS, "LiRA offline test")
     _choice(lira_center, LIRA_CENTERS, "center")
-    _choice(lira_variance_pooling, LIRA_VARIANCE_POOLING, "variance_pooling")
+    _choice(lira_variance_pooling, (*LIRA_VARIANCE_POOLING, "auto"), "variance_pooling")
     _choice(rmia_views, RMIA_VIEWS, "views")
     if population_images is not None:
         if not shadow_predicts:
@@ -686,18 +700,83 @@ def evaluate_membership(
             raise MembershipError("the population is empty; RMIA needs at least one sample.")
         check_population_disjoint(images, population_images)
     views = augmentations(np.asarray(images), augment)
-    target = [membership_scores(predict(v), labels) for v in views]
+    pop_views = augmentations(np.asarray(population_images), augment) if population_images is not None else []
+    refs = list(shadow_predicts or [])
+    return membership_table(
+        [predict(v) for v in views],
+        labels,
+        is_member,
+        shadow_logits=[[p(v) for v in views] for p in refs] if refs else None,
+        shadow_in=shadow_in,
+        population_labels=population_labels,
+        population_target_logits=[predict(v) for v in pop_views] if pop_views else None,
+        population_shadow_logits=[[p(v) for v in pop_views] for p in refs] if pop_views else None,
+        global_variance=global_variance,
+        global_variance_below=global_variance_below,
+        lira_offline_tests=lira_offline_tests,
+        lira_center=lira_center,
+        lira_variance_pooling=lira_variance_pooling,
+        rmia_gamma=rmia_gamma,
+        rmia_offline_a=rmia_offline_a,
+        rmia_views=rmia_views,
+        bootstrap=bootstrap,
+        seed=seed,
+    )
+
+
+def membership_table(
+    target_logits,
+    labels,
+    is_member,
+    *,
+    shadow_logits=None,
+    shadow_in=None,
+    population_labels=None,
+    population_target_logits=None,
+    population_shadow_logits=None,
+    global_variance: bool | None = None,
+    global_variance_below: int = LIRA_GLOBAL_VARIANCE_BELOW,
+    lira_offline_tests: tuple[str, ...] = ("one_sided",),
+    lira_center: str = "mean",
+    lira_variance_pooling: str = "auto",
+    rmia_gamma: float = RMIA_GAMMA,
+    rmia_offline_a: float | None = None,
+    rmia_views: str = "mean",
+    bootstrap: int = 200,
+    seed: int = 0,
+) -> MembershipReport:
+    """`evaluate_membership`'s table from logits already computed: one list entry per query view.
+
+    ``target_logits`` is [A] arrays [N, C] (the target on each view of the
+    evaluation set), ``shadow_logits`` [K][A] the same per reference model,
+    ``population_*_logits`` the same on the population's views. Computing
+    the logits once lets a caller score many reference subsets (budget
+    curves) or snapshots without running a model again. The options are
+    `evaluate_membership`'s.
+    """
+    labels = np.asarray(labels)
+    is_member = np.asarray(is_member, bool)
+    if is_member.all() or not is_member.any():
+        raise MembershipError("the evaluation set needs both members and non-members.")
+    if population_target_logits is not None and not shadow_logits:
+        raise MembershipError("RMIA (population logits were given) needs reference models: pass shadow_logits.")
+    if population_target_logits is not None and (population_shadow_logits is None or population_labels is None):
+        raise MembershipError(
+            "RMIA needs the population's labels and every reference's logits on it: pass population_labels and "
+            "population_shadow_logits with population_target_logits."
+        )
+    _choice(lira_variance_pooling, (*LIRA_VARIANCE_POOLING, "auto"), "variance_pooling")
+    target = [membership_scores(z, labels) for z in target_logits]
     table, roc = {}, {}
     shadows = None
-    if shadow_predicts:
+    if shadow_logits:
         shadow_in = np.asarray(shadow_in, bool)
-        if shadow_in.shape != (len(shadow_predicts), len(labels)):
+        if shadow_in.shape != (len(shadow_logits), len(labels)):
             raise MembershipError(
-                f"shadow_in is {shadow_in.shape}, expected ({len(shadow_predicts)}, {len(labels)}): one row per "
+                f"shadow_in is {shadow_in.shape}, expected ({len(shadow_logits)}, {len(labels)}): one row per "
                 "shadow model, one column per evaluation example."
             )
-        shadows = [[membership_scores(p(v), labels) for v in views] for p in shadow_predicts]
-    refs = list(shadow_predicts or [])
+        shadows = [[membership_scores(z, labels) for z in per_view] for per_view in shadow_logits]
 
     def add(name, s, threshold=None, **info):
         table[name] = {**attack_metrics(s, is_member, threshold, bootstrap, seed), **info}
@@ -721,6 +800,11 @@ def evaluate_membership(
     gv = (k < global_variance_below) if global_variance is None else global_variance
     variance = "global" if gv else "per_example"
 
+    pooling = lira_variance_pooling
+    if pooling == "auto":
+        enough = min(shadow_in.sum(0).min(), (~shadow_in).sum(0).min()) >= 2
+        pooling = "within" if enough else "all_values"
+
     def lira(online: bool, test: str = "one_sided") -> np.ndarray:
         return lira_scores(
             t_phi,
@@ -730,20 +814,29 @@ def evaluate_membership(
             global_variance=gv,
             offline_test=test,
             center=lira_center,
-            variance_pooling=lira_variance_pooling,
+            variance_pooling=pooling,
         )
 
     for test in lira_offline_tests:
-        add("lira_offline" if test == "one_sided" else f"lira_offline_{test}", lira(False, test), variance=variance)
+        add(
+            "lira_offline" if test == "one_sided" else f"lira_offline_{test}",
+            lira(False, test),
+            variance=variance,
+            variance_pooling=pooling,
+        )
     if k >= 2:
-        add("lira_online", lira(True), 0.0, variance=variance)
+        add("lira_online", lira(True), 0.0, variance=variance, variance_pooling=pooling)
 
-    if population_images is not None:
+    if population_target_logits is not None:
         pop_labels = np.asarray(population_labels)
-        pop_views = augmentations(np.asarray(population_images), augment)
         t_lp, s_lp = stacked(target, "loss"), np.stack([stacked(sh, "loss") for sh in shadows])
-        zt_lp = np.stack([membership_scores(predict(v), pop_labels)["loss"] for v in pop_views], -1)
-        zs_lp = np.stack([np.stack([membership_scores(p(v), pop_labels)["loss"] for v in pop_views], -1) for p in refs])
+        zt_lp = np.stack([membership_scores(z, pop_labels)["loss"] for z in population_target_logits], -1)
+        zs_lp = np.stack(
+            [
+                np.stack([membership_scores(z, pop_labels)["loss"] for z in per_view], -1)
+                for per_view in population_shadow_logits
+            ]
+        )
         tuned = rmia_offline_a is None
         a = tune_offline_a(s_lp, shadow_in, zs_lp, gamma=rmia_gamma, views=rmia_views)[0] if tuned else rmia_offline_a
 
