@@ -617,6 +617,19 @@ def check_population_disjoint(images, population_images) -> None:
         )
 
 
+def _check_table_inputs(is_member, lira_offline_tests, lira_center, lira_variance_pooling, rmia_views) -> np.ndarray:
+    """The membership mask as bool, after checking it holds both kinds and every table option is known."""
+    is_member = np.asarray(is_member, bool)
+    if is_member.all() or not is_member.any():
+        raise MembershipError("the evaluation set needs both members and non-members.")
+    for name in lira_offline_tests:
+        _choice(name, LIRA_OFFLINE_TESTS, "LiRA offline test")
+    _choice(lira_center, LIRA_CENTERS, "center")
+    _choice(lira_variance_pooling, (*LIRA_VARIANCE_POOLING, "auto"), "variance_pooling")
+    _choice(rmia_views, RMIA_VIEWS, "views")
+    return is_member
+
+
 def evaluate_membership(
     predict: Callable[[np.ndarray], np.ndarray],
     images,
@@ -680,17 +693,10 @@ def evaluate_membership(
         (default) tunes it on the references (`tune_offline_a`, needs K >= 3).
         The RMIA rows record the a used and whether it was tuned.
     """
-    labels = np.asarray(labels)
-    is_member = np.asarray(is_member, bool)
     if len(images) == 0:
         raise MembershipError("the evaluation set is empty.")
-    if is_member.all() or not is_member.any():
-        raise MembershipError("the evaluation set needs both members and non-members.")
-    for name in lira_offline_tests:
-        _choice(name, LIRA_OFFLINE_TESTS, "LiRA offline test")
-    _choice(lira_center, LIRA_CENTERS, "center")
-    _choice(lira_variance_pooling, (*LIRA_VARIANCE_POOLING, "auto"), "variance_pooling")
-    _choice(rmia_views, RMIA_VIEWS, "views")
+    # Before any model runs: membership_table checks the same again on the logits.
+    _check_table_inputs(is_member, lira_offline_tests, lira_center, lira_variance_pooling, rmia_views)
     if population_images is not None:
         if not shadow_predicts:
             raise MembershipError("RMIA (a population was given) needs reference models: pass shadow_predicts.")
@@ -755,9 +761,7 @@ def membership_table(
     `evaluate_membership`'s.
     """
     labels = np.asarray(labels)
-    is_member = np.asarray(is_member, bool)
-    if is_member.all() or not is_member.any():
-        raise MembershipError("the evaluation set needs both members and non-members.")
+    is_member = _check_table_inputs(is_member, lira_offline_tests, lira_center, lira_variance_pooling, rmia_views)
     if population_target_logits is not None and not shadow_logits:
         raise MembershipError("RMIA (population logits were given) needs reference models: pass shadow_logits.")
     if population_target_logits is not None and (population_shadow_logits is None or population_labels is None):
@@ -765,7 +769,6 @@ def membership_table(
             "RMIA needs the population's labels and every reference's logits on it: pass population_labels and "
             "population_shadow_logits with population_target_logits."
         )
-    _choice(lira_variance_pooling, (*LIRA_VARIANCE_POOLING, "auto"), "variance_pooling")
     target = [membership_scores(z, labels) for z in target_logits]
     table, roc = {}, {}
     shadows = None
