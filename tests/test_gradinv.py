@@ -31,12 +31,9 @@ def ssim_by_setting(cifar):
     # Two real images, each attacked as its own victim batch.
     x, y = data.normalize(ds.x_train[[3, 140]], "cifar10"), ds.y_train[[3, 140]]
     out = {}
-    for spec, threat in [
-        ("none", "observed"),
-        ("powersgd:1", "observed"),
-        ("topk_level:1", "observed"),
-        ("topk_level:1", "strongest"),
-    ]:
+    # Top-K's observed SSIM comes from `strongest`'s own `observed` candidate (the same seeds and budget), so
+    # the comparison needs no fourth attack.
+    for spec, threat in [("none", "observed"), ("powersgd:1", "observed"), ("topk_level:1", "strongest")]:
         r = gradinv.audit(
             model,
             variables,
@@ -51,6 +48,8 @@ def ssim_by_setting(cifar):
         )
         assert np.isfinite(r.per_image["ssim"]).all()
         out[spec, threat] = r.summary["ssim"]["mean"]
+        if threat == "strongest":
+            out[spec, "observed"] = float(np.mean(r.candidate_ssim["observed"]))
     return out
 
 
@@ -64,6 +63,7 @@ def test_powersgd_rank1_leaks_clearly_less(ssim_by_setting):
 
 def test_strongest_attacker_does_at_least_as_well_as_observed_on_topk(ssim_by_setting):
     """`strongest` runs `observed` among its candidates (same seeds) and picks by consistency, never by SSIM."""
+    assert ("topk_level:1", "observed") in ssim_by_setting
     assert ssim_by_setting["topk_level:1", "strongest"] >= ssim_by_setting["topk_level:1", "observed"] - 0.02, (
         ssim_by_setting
     )
@@ -167,9 +167,10 @@ def test_idlg_infers_labels_untrained_and_trained():
     untrained = models.init_variables(eval_model, jax.random.key(3), (28, 28, 1))
     trained = {"params": fitted.state.params, "batch_stats": fitted.state.batch_stats}
     idx = np.arange(0, 4000, 400)  # one image of every class
+    round_ = victim.make_round(eval_model, compress.none(), workers=1, bn_statistics="eval")  # compiled once
     for variables in (untrained, trained):
         for i in idx:
-            msg = one_worker_message(eval_model, variables, x[i : i + 1], y[i : i + 1], compress.none())
+            msg = round_(variables, x[None, i : i + 1], y[None, i : i + 1]).message
             assert labels.infer_labels_idlg(msg, 10)[0] == y[i]
 
 
@@ -259,7 +260,9 @@ def test_attacks_spread_over_8_devices_equal_one_device(cifar):
     variables = models.init_variables(model, jax.random.key(0), (16, 16, 3))
     x = data.normalize(ds.x_train[:4, ::2, ::2], "cifar10")
     y = ds.y_train[:4]
-    c = compress.powersgd(1)
+    # SGD: `strongest` then has one objective, and its candidates are the 2 restarts (one program to compile;
+    # PowerSGD's three objectives tripled the compile time of both placements).
+    c = compress.none()
     msgs = [one_worker_message(model, variables, x[i : i + 1], y[i : i + 1], c) for i in range(4)]
     out = {}
     for devices in (1, 8):

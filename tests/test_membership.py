@@ -28,7 +28,7 @@ def overfit():
     # The last 200 images (the sample's test split) are RMIA's population: no model trains on them.
     pool, population = slice(0, len(x) - 200), slice(len(x) - 200, len(x))
     setup = shadows.train_target_and_shadows(
-        x[pool], y[pool], model_fn=_model, compressor_spec="none", num_shadows=6, steps=200, global_batch=64, seed=0
+        x[pool], y[pool], model_fn=_model, compressor_spec="none", num_shadows=4, steps=200, global_batch=64, seed=0
     )
     report = mia.evaluate_membership(
         setup.target_predict,

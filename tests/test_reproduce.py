@@ -1,6 +1,8 @@
 """The main job end to end: reports from results.jsonl, resume after SIGKILL, damaged lines, bad flags."""
 
+import contextlib
 import csv
+import io
 import json
 import os
 import re
@@ -9,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import pytest
@@ -41,6 +44,26 @@ def reproduce(workdir, *extra, timeout=600):
         text=True,
         timeout=timeout,
     )
+
+
+def reproduce_here(workdir, *extra):
+    """The same run in this process, with the command line's exit code (2 for a bad setting) and its output.
+
+    A subprocess pays ~10 s of imports and reloads every compiled program; here the programs compiled by an
+    earlier run stay in memory. Runs that must be killed, or test the command line itself, use `reproduce`.
+    """
+    FLAGS.unparse_flags()
+    FLAGS(["reproduce", "--preset=tiny", f"--workdir={workdir}", "--progress=false", *extra])
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    try:
+        with contextlib.redirect_stdout(out):
+            reproduce_lib.main([])
+    except reproduce_lib.ConfigError as e:
+        err.write(f"error: {e}\n")
+        code = 2
+    finally:
+        FLAGS.unparse_flags()
+    return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def lines(path):
@@ -118,7 +141,7 @@ def test_utility_matched_takes_each_compressor_s_first_snapshot_at_the_common_le
 
 
 def test_attack_at_step_t_trains_each_victim_once(tmp_path):
-    out = reproduce(
+    out = reproduce_here(
         tmp_path,
         "--attack_step=2",
         "--compressors=powersgd:1",
@@ -143,14 +166,14 @@ def gradinv_ids(workdir):
 def test_rerun_with_another_group_attacks_every_image_exactly_once(tmp_path):
     """The issue-10 case: --group=2 then --group=1 must neither repeat nor skip an image; --images grows coverage."""
     common = ["--mia=false", "--compressors=none", "--threat_models=observed", "--iterations=3"]
-    first = reproduce(tmp_path, *common, "--images=4", "--group=2")
+    first = reproduce_here(tmp_path, *common, "--images=4", "--group=2")
     assert first.returncode == 0 and "2 units to run" in first.stdout, first.stdout + first.stderr
     after_first = gradinv_ids(tmp_path)
     assert len(after_first) == 4 == len(set(after_first))
-    second = reproduce(tmp_path, *common, "--images=4", "--group=1")
+    second = reproduce_here(tmp_path, *common, "--images=4", "--group=1")
     assert second.returncode == 0 and "0 units to run" in second.stdout, second.stdout + second.stderr
     assert gradinv_ids(tmp_path) == after_first
-    third = reproduce(tmp_path, *common, "--images=7", "--group=2")
+    third = reproduce_here(tmp_path, *common, "--images=7", "--group=2")
     assert third.returncode == 0 and "2 units to run" in third.stdout, third.stdout + third.stderr
     ids = gradinv_ids(tmp_path)
     assert len(ids) == 7 == len(set(ids)) and set(after_first) <= set(ids)
@@ -210,7 +233,7 @@ def test_two_processes_split_the_units_into_one_results_file(tmp_path):
         (c, i) for c in ("none", "powersgd:1") for i in np.random.default_rng(0).permutation(4000)[:2].tolist()
     )
     assert not list(tmp_path.glob("results.p*.jsonl"))  # process 0 merged and removed the shard
-    again = reproduce(tmp_path, *common, "--images=2", "--group=1")
+    again = reproduce_here(tmp_path, *common, "--images=2", "--group=1")
     assert again.returncode == 0 and "0 units to run" in again.stdout, again.stdout + again.stderr
 
 
@@ -226,7 +249,7 @@ def test_multi_dataset_one_worker_run_resumes_to_nothing_left(tmp_path):
         "--workers=1",
         "--start_iter=1",
     ]
-    first = reproduce(tmp_path, *flags_)
+    first = reproduce_here(tmp_path, *flags_)
     assert first.returncode == 0 and "4 units to run" in first.stdout, first.stdout + first.stderr
     recs = results.read_records(tmp_path / "results.jsonl").records
     assert {(r["dataset"], r["start_iter"], r["workers"]) for r in recs} == {
@@ -235,7 +258,7 @@ def test_multi_dataset_one_worker_run_resumes_to_nothing_left(tmp_path):
         ("cifar10", 0, 1),
         ("cifar10", 1, 1),
     }
-    again = reproduce(tmp_path, *flags_)
+    again = reproduce_here(tmp_path, *flags_)
     assert again.returncode == 0 and "0 units to run" in again.stdout, again.stdout + again.stderr
 
 
@@ -249,16 +272,16 @@ def test_rerun_with_another_training_batch_is_refused(tmp_path):
         "--attack_step=1",
         "--images=1",
     ]
-    first = reproduce(tmp_path, *common, "--batch_size=32")
+    first = reproduce_here(tmp_path, *common, "--batch_size=32")
     assert first.returncode == 0, first.stdout + first.stderr
     before = (tmp_path / "results.jsonl").read_text()
     assert len((tmp_path / "victims").iterdir().__next__().name) == 16  # the checkpointed victim
-    again = reproduce(tmp_path, *common, "--batch_size=16")
+    again = reproduce_here(tmp_path, *common, "--batch_size=16")
     assert again.returncode == 2 and "train_batch=32" in again.stderr and "another --workdir" in again.stderr, (
         again.stderr[-2000:]
     )
     assert (tmp_path / "results.jsonl").read_text() == before
-    resumed = reproduce(tmp_path, *common, "--batch_size=32", "--images=2")
+    resumed = reproduce_here(tmp_path, *common, "--batch_size=32", "--images=2")
     assert resumed.returncode == 0 and "trained the victim" not in resumed.stdout, resumed.stdout  # from orbax
     ids = gradinv_ids(tmp_path)
     assert len(ids) == 2 == len(set(ids))
@@ -361,7 +384,7 @@ def test_a_bad_flag_exits_with_code_2_and_names_the_problem(tmp_path):
 def test_unwritable_workdir_fails_clearly(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    out = reproduce(blocker / "sub")
+    out = reproduce_here(blocker / "sub")
     assert out.returncode == 2 and "not writable" in out.stderr
 
 

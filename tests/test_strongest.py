@@ -186,10 +186,10 @@ def _plain_reference_loss(model, variables, objective, train):
     return loss
 
 
+# Observed on a dense target is test_gradinv's test_factored_gradients_equal_plain_autodiff; `factors` in eval
+# mode is the first term of `factors_residual` (a mutated factor match fails that case too).
 FACTORED_CASES = [
-    ("none", "observed", "eval"),
     ("powersgd:2", "observed", "eval"),
-    ("powersgd:2", "factors", "eval"),
     ("powersgd:2", "factors_residual", "eval"),
     ("powersgd:1", "factors", "train"),
     ("topk:0.05", "sent_coordinates", "eval"),
@@ -211,8 +211,8 @@ def test_every_objective_on_the_factored_route_equals_plain_autodiff(setting, sp
     fast = objectives.matching_loss(attacker, variables, objective, weights, train)
     slow = _plain_reference_loss(attacker, variables, objective, train)
     assert any(isinstance(g, objectives.Factored) for g in objectives.factored_param_grads(attacker, variables, z, yz))
-    v_fast, v_slow = float(jax.jit(fast)(z, msg, yz)), float(jax.jit(slow)(z, msg, yz))
-    np.testing.assert_allclose(v_fast, v_slow, rtol=2e-5, atol=1e-6)
-    g_fast = jax.jit(jax.grad(fast))(z, msg, yz)
-    g_slow = jax.jit(jax.grad(slow))(z, msg, yz)
+    # One program per side for the value and its input gradient (compiling each separately doubled the time).
+    v_fast, g_fast = jax.jit(jax.value_and_grad(fast))(z, msg, yz)
+    v_slow, g_slow = jax.jit(jax.value_and_grad(slow))(z, msg, yz)
+    np.testing.assert_allclose(float(v_fast), float(v_slow), rtol=2e-5, atol=1e-6)
     assert float(jnp.linalg.norm(g_fast - g_slow) / jnp.linalg.norm(g_slow)) < 1e-4
