@@ -2,11 +2,12 @@ r"""The matching loss around the true image, per setting: where can an attack fr
 
     python -m experiments.basin_profile                                   # ConvNet and ResNet-18, both modes
     python -m experiments.basin_profile --models=convnet --train_steps=300
+    python -m experiments.basin_profile --norms=batch,group --victim_batch=4
 
 For each model and BatchNorm mode, worker 0's message in a real round of
 ``--workers`` workers (`attacks.victim`, local BatchNorm) on CIFAR-10 images
-of the seed-0 order, and the observed attacker's matching loss at the true
-image plus Gaussian noise of standard deviation s (normalised pixel units),
+of the seed-0 order (``--victim_batch`` B images in worker 0's batch), and the observed attacker's matching
+loss at the true batch plus Gaussian noise of standard deviation s (normalised pixel units),
 at the truth itself and at unrelated images (`attacks.landscape`). Prints a
 Markdown table and writes it to ``--out``.
 """
@@ -29,7 +30,8 @@ flags.DEFINE_list("models", ["convnet", "resnet18"], "models")
 flags.DEFINE_list("modes", ["eval", "train"], "BatchNorm modes of the round")
 flags.DEFINE_list("norms", ["batch"], "normalisation: batch and/or group, none (controls without BatchNorm)")
 flags.DEFINE_string("compressor", "none", "compressor spec of the round")
-flags.DEFINE_integer("images", 2, "victims (each its own round, B = 1)")
+flags.DEFINE_integer("images", 2, "victim batches (each its own round)")
+flags.DEFINE_integer("victim_batch", 1, "B: images in each worker's batch of the round")
 flags.DEFINE_integer("workers", 4, "workers in the round")
 flags.DEFINE_integer("train_steps", 0, "train the model this many steps first (batch 64, 8 workers)")
 flags.DEFINE_string("out", None, "also write the table to this Markdown file")
@@ -62,18 +64,19 @@ def main(argv):
             for mode in FLAGS.modes:
                 round_ = victim.make_round(model, c, workers=FLAGS.workers, bn_statistics=mode, batchnorm="local")
                 profiles = []
-                for i in order[: FLAGS.images]:
-                    peers = victim.other_worker_ids(np.array([i]), len(x_all), FLAGS.workers, 0)[:, 0]
-                    ids = np.concatenate([[i], peers])
-                    msg = round_(variables, x_all[ids][:, None], ds.y_train[ids][:, None]).message
-                    others = x_all[order[-8:]][:, None]
+                b = FLAGS.victim_batch
+                for j in range(FLAGS.images):
+                    mine = order[j * b : (j + 1) * b]  # worker 0's batch: B images of the seed-0 order
+                    ids = np.concatenate([mine[None], victim.other_worker_ids(mine, len(x_all), FLAGS.workers, 0)])
+                    msg = round_(variables, x_all[ids], ds.y_train[ids]).message  # [workers, B, ...]
+                    others = x_all[order[-8 * b :]].reshape(8, b, *x_all.shape[1:])
                     profiles.append(
                         landscape.loss_profile(
                             gradinv.attack_model(model),
                             variables,
                             msg,
-                            x_all[i : i + 1],
-                            ds.y_train[i : i + 1],
+                            x_all[mine],
+                            ds.y_train[mine],
                             others=others,
                             train=mode == "train",
                             sigmas=SIGMAS,
@@ -81,17 +84,18 @@ def main(argv):
                     )
                 loss = np.mean([p.loss for p in profiles], 0)
                 rows.append(
-                    [name, norm, FLAGS.train_steps, mode, f"{np.mean([p.at_truth for p in profiles]):.4f}"]
+                    [name, norm, b, FLAGS.train_steps, mode, f"{np.mean([p.at_truth for p in profiles]):.4f}"]
                     + [f"{v:.4f}" for v in loss]
                     + [f"{np.mean([p.random_images for p in profiles]):.4f}"]
                 )
                 print(rows[-1], flush=True)
     lines = [
-        f"Observed matching loss (1 - cosine) around the true image: CIFAR-10, B = 1, {FLAGS.workers} workers, "
-        f"local BatchNorm, {FLAGS.compressor}, mean over {FLAGS.images} images of the seed-0 order and 4 noise draws.",
+        f"Observed matching loss (1 - cosine) around the true batch: CIFAR-10, {FLAGS.workers} workers, "
+        f"local BatchNorm, {FLAGS.compressor}, mean over {FLAGS.images} victim batches of the seed-0 order and 4 "
+        "noise draws (noise on every image of the batch).",
         "",
     ] + results.markdown_table(
-        ["model", "norm", "train steps", "BatchNorm mode", "at truth", *[f"s = {s}" for s in SIGMAS], "random images"],
+        ["model", "norm", "B", "train steps", "BatchNorm mode", "at truth", *[f"s = {s}" for s in SIGMAS], "random images"],
         rows,
     )
     results.write_table("\n".join(lines), FLAGS.out)
