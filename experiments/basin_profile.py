@@ -95,7 +95,16 @@ def main(argv):
         "noise draws (noise on every image of the batch).",
         "",
     ] + results.markdown_table(
-        ["model", "norm", "B", "train steps", "BatchNorm mode", "at truth", *[f"s = {s}" for s in SIGMAS], "random images"],
+        [
+            "model",
+            "norm",
+            "B",
+            "train steps",
+            "BatchNorm mode",
+            "at truth",
+            *[f"s = {s}" for s in SIGMAS],
+            "random images",
+        ],
         rows,
     )
     results.write_table("\n".join(lines), FLAGS.out)
