@@ -3,12 +3,14 @@ r"""The matching loss around the true image, per setting: where can an attack fr
     python -m experiments.basin_profile                                   # ConvNet and ResNet-18, both modes
     python -m experiments.basin_profile --models=convnet --train_steps=300
     python -m experiments.basin_profile --norms=batch,group --victim_batch=4
+    python -m experiments.basin_profile --modes=train --batchnorm=sync --objective=observed+bn
 
 For each model and BatchNorm mode, worker 0's message in a real round of
-``--workers`` workers (`attacks.victim`, local BatchNorm) on CIFAR-10 images
-of the seed-0 order (``--victim_batch`` B images in worker 0's batch), and the observed attacker's matching
-loss at the true batch plus Gaussian noise of standard deviation s (normalised pixel units),
-at the truth itself and at unrelated images (`attacks.landscape`). Prints a
+``--workers`` workers (`attacks.victim`, ``--batchnorm`` local or sync) on
+CIFAR-10 images of the seed-0 order (``--victim_batch`` B images in worker
+0's batch), and the ``--objective``'s matching loss (default: the observed
+attacker's) at the true batch plus Gaussian noise of standard deviation s
+(normalised pixel units), at the truth itself and at unrelated images (`attacks.landscape`). Prints a
 Markdown table and writes it to ``--out``.
 """
 
@@ -23,7 +25,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from trustsgd_jax import compress, data, models, results, train  # noqa: E402
-from trustsgd_jax.attacks import gradinv, landscape, victim  # noqa: E402
+from trustsgd_jax.attacks import gradinv, landscape, objectives, victim  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["convnet", "resnet18"], "models")
@@ -34,6 +36,13 @@ flags.DEFINE_integer("images", 2, "victim batches (each its own round)")
 flags.DEFINE_integer("victim_batch", 1, "B: images in each worker's batch of the round")
 flags.DEFINE_integer("workers", 4, "workers in the round")
 flags.DEFINE_integer("train_steps", 0, "train the model this many steps first (batch 64, 8 workers)")
+flags.DEFINE_enum("batchnorm", "local", list(victim.BATCHNORM), "BatchNorm synchronisation of the round")
+flags.DEFINE_string(
+    "objective",
+    "observed",
+    "the matching loss profiled (objectives.OBJECTIVES; with +bn, from synchronised BatchNorm's traffic: "
+    "--batchnorm=sync, train mode)",
+)
 flags.DEFINE_string("out", None, "also write the table to this Markdown file")
 
 SIGMAS = (0.001, 0.01, 0.1, 1.0)
@@ -62,13 +71,16 @@ def main(argv):
                 variables = {"params": fitted.state.params, "batch_stats": fitted.state.batch_stats}
             c = compress.from_spec(FLAGS.compressor, variables["params"])
             for mode in FLAGS.modes:
-                round_ = victim.make_round(model, c, workers=FLAGS.workers, bn_statistics=mode, batchnorm="local")
+                round_ = victim.make_round(
+                    model, c, workers=FLAGS.workers, bn_statistics=mode, batchnorm=FLAGS.batchnorm
+                )
                 profiles = []
                 b = FLAGS.victim_batch
                 for j in range(FLAGS.images):
                     mine = order[j * b : (j + 1) * b]  # worker 0's batch: B images of the seed-0 order
                     ids = np.concatenate([mine[None], victim.other_worker_ids(mine, len(x_all), FLAGS.workers, 0)])
-                    msg = round_(variables, x_all[ids], ds.y_train[ids]).message  # [workers, B, ...]
+                    seen = round_(variables, x_all[ids], ds.y_train[ids])
+                    msg = objectives.WithBatchNorm(seen.message, seen.bn) if seen.bn else seen.message
                     others = x_all[order[-8 * b :]].reshape(8, b, *x_all.shape[1:])
                     profiles.append(
                         landscape.loss_profile(
@@ -79,6 +91,7 @@ def main(argv):
                             ds.y_train[mine],
                             others=others,
                             train=mode == "train",
+                            objective=FLAGS.objective,
                             sigmas=SIGMAS,
                         )
                     )
@@ -90,9 +103,9 @@ def main(argv):
                 )
                 print(rows[-1], flush=True)
     lines = [
-        f"Observed matching loss (1 - cosine) around the true batch: CIFAR-10, {FLAGS.workers} workers, "
-        f"local BatchNorm, {FLAGS.compressor}, mean over {FLAGS.images} victim batches of the seed-0 order and 4 "
-        "noise draws (noise on every image of the batch).",
+        f"The {FLAGS.objective} matching loss around the true batch: CIFAR-10, {FLAGS.workers} workers, "
+        f"{FLAGS.batchnorm} BatchNorm, {FLAGS.compressor}, mean over {FLAGS.images} victim batches of the seed-0 order "
+        "and 4 noise draws (noise on every image of the batch).",
         "",
     ] + results.markdown_table(
         [

@@ -78,16 +78,22 @@ def test_sync_batchnorm_is_counted_and_visible_on_the_wire(mnist):
     c = compress.powersgd(rank=1)
     state = train.init_state(model, optax.sgd(0.01), c, x.shape[1:], 0)
     wire = train.step_wire_cost(model, c, state)
-    # Three BN layers of 32, 64, 64 channels: mean and mean-of-squares each.
-    assert wire["bn_words"] == 2 * (32 + 64 + 64)
+    # Three BN layers of 32, 64, 64 channels: mean and mean of squares forward, their cotangents backward.
+    assert wire["bn_words"] == 4 * (32 + 64 + 64)
     assert wire["words"] == wire["grad_words"] + wire["bn_words"]
     step = jax.pmap(train.make_step(model, optax.sgd(0.01), c, return_message=True), axis_name=train.AXIS)
     xs, ys = train.shard_batch(x[:64], ds.y_train[:64], 8)
     _, _, msg = step(train.replicate(state, 8), xs, ys)
-    bn = msg["bn"]["norm0"]
-    local_mean = np.asarray(bn["bn_mean"][0])
+    bn = msg["bn"]["norm0"]["BatchNorm_0"]
+    assert set(bn) == {"sent", "received", "grad_sent", "grad_received"}
+    local_mean = np.asarray(bn["sent"][:, 0])
     assert local_mean.shape == (8, 32)  # one local statistic per worker and channel
     assert not np.allclose(local_mean[0], local_mean[1])  # each worker's own batch
+    # The all-reduces: every worker receives the mean of what all sent, forward and backward.
+    np.testing.assert_allclose(np.asarray(bn["received"][3]), np.asarray(bn["sent"]).mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(bn["grad_received"][3]), np.asarray(bn["grad_sent"]).mean(0), rtol=1e-4, atol=1e-7
+    )
     # What worker 3 contributes is the statistic of its own shard of the batch.
     first_conv = model.apply(
         {"params": state.params, "batch_stats": state.batch_stats},
@@ -98,6 +104,32 @@ def test_sync_batchnorm_is_counted_and_visible_on_the_wire(mnist):
     )[1]
     conv_out = first_conv["intermediates"]["Conv_0"]["__call__"][0]
     np.testing.assert_allclose(local_mean[3], np.asarray(conv_out).mean((0, 1, 2)), rtol=1e-4, atol=1e-5)
+
+
+def _all_reduced_words(model, state, x, y, workers: int) -> int:
+    """Elements all-reduced by the compiled train step, read off its HLO."""
+    step = jax.pmap(train.make_step(model, optax.sgd(0.01), compress.none()), axis_name=train.AXIS)
+    xs, ys = train.shard_batch(x, y, workers)
+    hlo = step.lower(train.replicate(state, workers), xs, ys).compile().as_text()
+    total = 0
+    for shape in re.findall(r"= \(?((?:f32\[[\d,]*\][^ ]*(?:, )?)+)\)? all-reduce\(", hlo):
+        for dims in re.findall(r"f32\[([\d,]*)\]", shape):
+            total += int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1
+    return total
+
+
+def test_sync_batchnorm_wire_count_matches_the_compiled_all_reduces(mnist):
+    """sync_bn_words counts what the compiled step really all-reduces for BatchNorm: forward and backward."""
+    ds, x, _ = mnist
+    xs, ys = x[:16], ds.y_train[:16]
+    words = {}
+    for norm in ("batch", "batch_local"):
+        model = models.make_model("convnet", 10, norm=norm, axis_name=train.AXIS, width=8)
+        state = train.init_state(model, optax.sgd(0.01), compress.none(), x.shape[1:], 0)
+        words[norm] = _all_reduced_words(model, state, xs, ys, 8)
+    sync = models.make_model("convnet", 10, norm="batch", axis_name=train.AXIS, width=8)
+    state = train.init_state(sync, optax.sgd(0.01), compress.none(), x.shape[1:], 0)
+    assert words["batch"] - words["batch_local"] == train.sync_bn_words(sync, state.batch_stats) == 4 * (8 + 16 + 16)
 
 
 def test_shard_map_step_equals_pmap_step(mnist):
@@ -262,3 +294,38 @@ def test_a_snapshot_is_the_model_fit_returns_at_that_step(mnist):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(ValueError, match="snapshot_steps must lie in"):
         train.fit(model, c, x, y, steps=3, global_batch=64, progress=False, snapshot_steps=[4], on_snapshot=print)
+
+
+def test_sync_batchnorm_is_flax_batchnorm_written_out():
+    """models.SyncBatchNorm computes what nn.BatchNorm(axis_name=...) computes: output, buffers, every gradient."""
+
+    class Flax(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5, axis_name=train.AXIS)(x)
+
+    class Ours(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return models.SyncBatchNorm(train.AXIS, name="BatchNorm_0")(x)
+
+    x = 2 * jax.random.normal(jax.random.key(1), (4, 2, 5, 5, 3)) + 1
+    variables = {
+        "params": {"BatchNorm_0": {"scale": jnp.arange(1.0, 4.0), "bias": jnp.ones(3)}},
+        "batch_stats": {"BatchNorm_0": {"mean": jnp.full(3, 0.5), "var": jnp.full(3, 2.0)}},
+    }
+
+    def run(module):
+        def one(x):
+            def loss(params, x):
+                y, upd = module.apply({**variables, "params": params}, x, mutable=["batch_stats"])
+                return jnp.sum(jnp.sin(y) * jnp.arange(75.0).reshape(5, 5, 3)), (y, upd)
+
+            (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(variables["params"], x)
+            return out, grads
+
+        return jax.pmap(one, axis_name=train.AXIS, devices=jax.local_devices()[:4])(x)
+
+    leaves = zip(jax.tree.leaves(run(Flax())), jax.tree.leaves(run(Ours())), strict=True)
+    for a, b in leaves:
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)

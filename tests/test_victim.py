@@ -46,8 +46,8 @@ def test_worker_observer_sees_exactly_what_the_trainer_sends(mnist, workers, spe
         jax.tree.leaves(seen.message), jax.tree.leaves(compress.worker_message(sent["grads"], 0)), strict=True
     ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    # Synchronised BatchNorm in train mode: worker 0's local statistics travel too.
-    assert set(seen.bn["norm0"]) == {"bn_mean", "bn_mean_sq"}
+    # Synchronised BatchNorm in train mode: worker 0's statistics and their cotangents travel too.
+    assert set(seen.bn["norm0"]["BatchNorm_0"]) == {"sent", "received", "grad_sent", "grad_received"}
     for a, b in zip(jax.tree.leaves(seen.bn), jax.tree.leaves(compress.worker_message(sent["bn"], 0)), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 

@@ -85,7 +85,8 @@ def test_step_statistics_reproduce_the_train_mode_forward(split):
     )
     local = tiny_model().clone(axis_name=None)
     for sm in seen:
-        stats = wire.step_bn_stats(sm.variables["batch_stats"], jax.device_get(sm.message["bn"]))
+        traffic = jax.device_get(compress.worker_message(sm.message["bn"], 0))
+        stats = train.sync_bn_statistics(sm.variables["batch_stats"], traffic)
         batch = x[sm.batch_ids.reshape(-1)]
         trained, _ = local.apply(sm.variables, batch, train=True, mutable=["batch_stats"])
         replayed = local.apply({**sm.variables, "batch_stats": stats}, batch, train=False)

@@ -5,9 +5,9 @@ Normalisation is a choice because it changes what crosses the wire:
 * ``batch``: BatchNorm synchronised over the data-parallel axis (``axis_name``),
   as in the paper's DDP setting. Every forward pass in training all-reduces
   each layer's batch mean and mean of squares: a second, *uncompressed*
-  channel between workers. The local statistics each worker contributes are
-  sown into the ``wire`` collection, so the train step can count them in the
-  wire accounting and hand them to the attacker.
+  channel between workers, and the backward pass all-reduces their
+  cotangents (`SyncBatchNorm`). Both are sown or probed, so the train step
+  can count them in the wire accounting and hand them to the observer.
 * ``batch_local``: BatchNorm on each worker's shard only (no communication).
 * ``group``: GroupNorm (no batch statistics at all).
 * ``none``: no normalisation.
@@ -110,6 +110,50 @@ def _conv(impl: str):
     raise ValueError(f"unknown conv_impl {impl!r}; use one of {CONV_IMPLS}.")
 
 
+class SyncBatchNorm(nn.Module):
+    """``nn.BatchNorm(axis_name=...)`` in train mode, written out so that its two all-reduces can be observed.
+
+    The same computation as Flax's (``use_fast_variance``): per channel, the
+    worker's batch mean and mean of squares s_w = [mean(x), mean(x^2)], their
+    all-reduce s = (1/N) sum_w s_w, var = max(0, s[1] - s[0]^2), then
+    (x - s[0]) rsqrt(var + eps) scale + bias, and the running averages
+    updated with momentum. The same parameter and buffer names, so a model
+    switches between this and ``nn.BatchNorm`` freely.
+
+    What crosses the wire, per layer and step (all sown into ``wire`` or
+    exposed as probes in ``perturbations``, for `train.make_step` to count and
+    hand to the observer): forward, s_w sent and s received; backward (the
+    transpose of the pmean), dL_w/ds sent (the cotangent of the probe
+    ``global``) and (1/N) sum_w dL_w/ds received (the cotangent of the probe
+    ``local``). Without a ``perturbations`` collection the probes are absent.
+    """
+
+    axis_name: str
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,))
+        bias = self.param("bias", nn.initializers.zeros, (c,))
+        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,))
+        ra_var = self.variable("batch_stats", "var", jnp.ones, (c,))
+        axes = tuple(range(x.ndim - 1))
+        local = jnp.stack([jnp.mean(x, axes), jnp.mean(jnp.square(x), axes)])
+        self.sow("wire", "bn_mean", local[0])
+        self.sow("wire", "bn_mean_sq", local[1])
+        local = self.perturb("local", local)
+        reduced = jax.lax.pmean(local, self.axis_name)
+        self.sow("wire", "bn_received", reduced)
+        reduced = self.perturb("global", reduced)
+        mean, var = reduced[0], jnp.maximum(0.0, reduced[1] - jnp.square(reduced[0]))
+        if not self.is_initializing():
+            ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+            ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+        return (x - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+
+
 class Norm(nn.Module):
     kind: str = "batch"
     axis_name: str | None = None  # only used by kind == "batch"
@@ -117,19 +161,13 @@ class Norm(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool):
         if self.kind in ("batch", "batch_local"):
-            sync = self.kind == "batch" and self.axis_name is not None
-            if train and sync:
-                # What this worker contributes to the BN all-reduce (flax pmeans
-                # the mean and the mean of squares): sown so it is visible.
+            if train and self.kind == "batch" and self.axis_name is not None:
+                return SyncBatchNorm(self.axis_name, name="BatchNorm_0")(x)
+            if self.is_mutable_collection("moments") and not self.is_initializing():
+                # The attacker's own batch statistics, for objectives that match the wire's (`objectives`).
                 axes = tuple(range(x.ndim - 1))
-                self.sow("wire", "bn_mean", jnp.mean(x, axes))
-                self.sow("wire", "bn_mean_sq", jnp.mean(jnp.square(x), axes))
-            return nn.BatchNorm(
-                use_running_average=not train,
-                momentum=0.9,
-                epsilon=1e-5,
-                axis_name=self.axis_name if sync else None,
-            )(x)
+                self.sow("moments", "local", jnp.stack([jnp.mean(x, axes), jnp.mean(jnp.square(x), axes)]))
+            return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name="BatchNorm_0")(x)
         if self.kind == "group":
             return nn.GroupNorm(num_groups=min(32, x.shape[-1]))(x)
         if self.kind == "none":

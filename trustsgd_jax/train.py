@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -60,13 +61,73 @@ def init_state(
 def sync_bn_words(model: nn.Module, batch_stats) -> int:
     """32-bit words a worker sends per step for synchronised BatchNorm.
 
-    Flax all-reduces each BN layer's batch mean and mean of squares: 2 C words
-    per layer, the size of its (mean, var) running statistics. Uncompressed,
-    whatever the gradient compressor.
+    Per layer of C channels (`models.SyncBatchNorm`): forward, its batch mean
+    and mean of squares (2 C); backward, the all-reduce of their cotangents
+    that the pmean's transpose performs (2 C). 4 C words, twice the size of
+    the layer's (mean, var) running statistics, uncompressed whatever the
+    gradient compressor. (The compiled step has these two all-reduces per
+    layer and no other: tested against its HLO.)
     """
     if getattr(model, "norm", None) != "batch" or getattr(model, "axis_name", None) is None:
         return 0
-    return sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(batch_stats))
+    return 2 * sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(batch_stats))
+
+
+def _bn_probes(batch_stats) -> dict:
+    """Zero probes of `models.SyncBatchNorm` (``local``, ``global``: [2, C] per layer) in ``perturbations`` layout."""
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(batch_stats))
+    probes = {}
+    for path, value in flat.items():
+        if path[-1] == "mean":
+            for name in ("local", "global"):
+                probes[(*path[:-1], name)] = jnp.zeros((2, *np.shape(value)), jnp.float32)
+    return flax.traverse_util.unflatten_dict(probes)
+
+
+def _bn_traffic(wire: dict, probe_grads: dict) -> dict:
+    """One worker's synchronised-BatchNorm traffic of a step, per layer (the layout of ``batch_stats``' layers).
+
+    ``sent``: [mean, mean of squares] of its batch; ``received``: their
+    all-reduce (the statistics the step normalised with); ``grad_sent``:
+    dL_w/d(received), its contribution to the backward all-reduce;
+    ``grad_received``: (1/N) sum_w dL_w/d(received), what that all-reduce
+    returns (pmean's transpose), the cotangent of ``sent``. L_w is the
+    worker's mean loss over its batch. All [2, C].
+    """
+    sown = flax.traverse_util.flatten_dict(flax.core.unfreeze(wire))
+    grads = flax.traverse_util.flatten_dict(flax.core.unfreeze(probe_grads))
+    out = {}
+    for path in {p[:-1] for p in sown}:
+        out[(*path, "sent")] = jnp.stack([sown[(*path, "bn_mean")][0], sown[(*path, "bn_mean_sq")][0]])
+        out[(*path, "received")] = sown[(*path, "bn_received")][0]
+        out[(*path, "grad_sent")] = grads[(*path, "global")]
+        out[(*path, "grad_received")] = grads[(*path, "local")]
+    return flax.traverse_util.unflatten_dict(out)
+
+
+def sync_bn_statistics(batch_stats: dict, traffic: dict) -> dict | None:
+    """The statistics a synchronised-BatchNorm step normalised with, in the layout of ``batch_stats``.
+
+    From one worker's traffic (`make_step`'s ``bn``; every worker received
+    the same all-reduce): per layer mean = received[0] and var =
+    max(0, received[1] - mean^2), as `models.SyncBatchNorm` computes them.
+    Eval mode with these as running averages reproduces the step's forward
+    pass. None when nothing travelled (BatchNorm local to each worker, eval
+    mode, no BatchNorm).
+    """
+    if not batch_stats or not traffic:
+        return None
+    layers = flax.traverse_util.flatten_dict(flax.core.unfreeze(traffic))
+    out = {}
+    for path, value in flax.traverse_util.flatten_dict(flax.core.unfreeze(batch_stats)).items():
+        received = layers.get((*path[:-1], "received"))
+        if path[-1] not in ("mean", "var") or received is None:
+            return None
+        mean = jnp.asarray(received[0], jnp.float32)
+        out[path] = mean if path[-1] == "mean" else jnp.maximum(0.0, jnp.asarray(received[1], jnp.float32) - mean**2)
+        if out[path].shape != np.shape(value):
+            return None
+    return flax.traverse_util.unflatten_dict(out)
 
 
 def step_wire_cost(model, compressor, state: TrainState, step: int | None = None) -> dict:
@@ -107,22 +168,32 @@ def make_step(
 
     The message is what this worker put on the wire and what it received:
     ``grads``, the compressor's message; ``bn``, with synchronised BatchNorm
-    in train mode, the local statistics it contributed to the all-reduce;
-    ``update``, the averaged update every worker receives.
+    in train mode, its BatchNorm traffic (`_bn_traffic`: the statistics and
+    their cotangents it sent to and received from the two all-reduces per
+    layer); ``update``, the averaged update every worker receives.
     """
     if bn_statistics not in BN_STATISTICS:
         raise ValueError(f"unknown bn_statistics {bn_statistics!r}; use one of {BN_STATISTICS}.")
     train = bn_statistics == "train"
 
+    # With the message asked for, synchronised BatchNorm's backward all-reduce is observed too: the cotangents of
+    # zero probes on its statistics (models.SyncBatchNorm). Training alone carries no probes.
+    observe_bn = return_message and train and sync_bn_words(model, {"x": jnp.zeros(1)}) > 0
+
     def step(state: TrainState, images, labels):
-        def loss_fn(params):
+        def loss_fn(params, probes):
             variables = {"params": params}
             if state.batch_stats:
                 variables["batch_stats"] = state.batch_stats
+            if probes:
+                variables["perturbations"] = probes
             logits, updates = model.apply(variables, images, train=train, mutable=["batch_stats", "wire"])
             return cross_entropy(logits, labels).mean(), (logits, updates)
 
-        (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        probes = _bn_probes(state.batch_stats) if observe_bn else {}
+        (loss, (logits, updates)), (grads, probe_grads) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
+            state.params, probes
+        )
         avg, comp_state, msg = compressor.reduce(grads, state.comp_state, axis_name)
         upd, opt_state = optimizer.update(avg, state.opt_state, state.params)
         params = optax.apply_updates(state.params, upd)
@@ -133,7 +204,8 @@ def make_step(
             "nonfinite_steps": comp_state.nonfinite,
         }
         if return_message:
-            return new_state, metrics, {"grads": msg, "bn": updates.get("wire", {}), "update": avg}
+            bn = _bn_traffic(updates["wire"], probe_grads) if observe_bn else {}
+            return new_state, metrics, {"grads": msg, "bn": bn, "update": avg}
         return new_state, metrics
 
     return step

@@ -225,6 +225,7 @@ def compile_attack(
 
 def check_message(msg, params) -> None:
     """Rejects a message that was not made for `params` (another model, another compressor tree)."""
+    msg = objectives.gradient_message(msg)
     seen = jax.eval_shape(compress_lib.decompress, msg)
     structure_differs = jax.tree.structure(seen) != jax.tree.structure(params)  # type: ignore[operator]
     if structure_differs or any(
@@ -498,9 +499,10 @@ def audit(
         model, compressor, workers=workers, observer=observer, bn_statistics=bn_statistics, batchnorm=batchnorm
     )
     observations = [round_(variables, wx[i], wy[i], comp_state) for i in range(n)]
-    messages = [o.message for o in observations]
+    # Synchronised BatchNorm's traffic travels on the same link (worker observer, train mode): the attacker has it.
+    messages = [objectives.WithBatchNorm(o.message, o.bn) if o.bn else o.message for o in observations]
     if label_mode == "idlg":
-        yb = np.stack([labels_lib.infer_labels_idlg(m, num_classes, batch_size) for m in messages])
+        yb = np.stack([labels_lib.infer_labels_idlg(o.message, num_classes, batch_size) for o in observations])
     inv = invert_gradients(
         attack_model(model, config.matmul_dtype),
         variables,

@@ -37,8 +37,13 @@ import jax.numpy as jnp
 import optax
 
 from trustsgd_jax import compress as compress_lib
+from trustsgd_jax import train as train_lib
 
 OBJECTIVES = ("observed", "factors", "factors_residual", "sent_coordinates", "cosine_support")
+# Suffix of an objective that also uses synchronised BatchNorm's traffic (`WithBatchNorm`, `wire_bn_param_grads`).
+WITH_BN = "+bn"
+# Weight of the batch moments' mismatch in the +bn objectives (`wire_bn_param_grads`) against the cosine's 0..2.
+BN_MISMATCH_WEIGHT = 1.0
 LAYER_WEIGHTS = ("equal", "linear")
 # Objectives that take the dummy gradient by plain autodiff. On the factored route they measured 0.68x and 0.42x
 # observed on ResNet-18 (README), hardly faster, because Top-K's support constraint forms every entry anyway; and the
@@ -49,6 +54,32 @@ SPARSE_OBJECTIVES = ("sent_coordinates", "cosine_support")
 
 class AttackError(ValueError):
     """A bad argument to an attack; the message names the valid choices or the fix."""
+
+
+class WithBatchNorm(NamedTuple):
+    """A gradient message and the synchronised-BatchNorm traffic of the same step, as worker 0's link carries both.
+
+    ``bn`` is one worker's `train.make_step` ``bn`` (`train._bn_traffic`):
+    per layer the statistics it sent and received and their cotangents. Every
+    objective takes the gradient part only; the ``+bn`` objectives (`WITH_BN`)
+    also use the traffic.
+    """
+
+    grads: Any
+    bn: dict
+
+
+def gradient_message(msg):
+    """The gradient message of `msg` (itself, or a `WithBatchNorm`'s ``grads``)."""
+    return msg.grads if isinstance(msg, WithBatchNorm) else msg
+
+
+def split_objective(name: str) -> tuple[str, bool]:
+    """``"factors+bn"`` -> ("factors", True); an unknown base gets a one-line error naming the choices."""
+    base, with_bn = (name[: -len(WITH_BN)], True) if name.endswith(WITH_BN) else (name, False)
+    if base not in OBJECTIVES:
+        raise AttackError(f"unknown objective {name!r}; use one of {OBJECTIVES}, each optionally with {WITH_BN!r}.")
+    return base, with_bn
 
 
 class Factored(NamedTuple):
@@ -257,6 +288,55 @@ def param_grads(model: nn.Module, variables: dict, images, labels, train: bool =
     return jax.grad(loss)(variables["params"])
 
 
+def _moment_paths(model_moments: dict, bn: dict):
+    """Pairs (the dummy batch's [mean, mean of squares] [2, C], that layer's traffic) per synchronised layer."""
+    traffic = flax.traverse_util.flatten_dict(flax.core.unfreeze(bn))
+    pairs = []
+    for path, value in flax.traverse_util.flatten_dict(flax.core.unfreeze(model_moments)).items():
+        layer = (*path[:-1], "BatchNorm_0")  # models.Norm sows at its own level; nn.BatchNorm_0 below it
+        pairs.append((value[0], {k[-1]: v for k, v in traffic.items() if k[:-1] == layer}))
+    return pairs
+
+
+def wire_bn_param_grads(model: nn.Module, variables: dict, images, labels, bn: dict):
+    """(gradient, statistics mismatch) of dummy images as a synchronised-BatchNorm train step computes it.
+
+    Worker 0's gradient in such a step is exact given the traffic of its
+    link (`WithBatchNorm.bn`), whatever the other workers' batches:
+
+    * forward: each layer normalises by the all-reduced statistics it
+      received, so eval mode with those as running averages
+      (`train.sync_bn_statistics`) is the step's forward pass;
+    * backward: the statistics also depend on the parameters through the
+      worker's own batch moments s_l(x) = [mean, mean of squares]; that path
+      contributes (ds_l/dtheta)^T r_l, r_l the cotangent the backward
+      all-reduce returned (``grad_received``). So the gradient is that of
+      CE(x) + sum_l <r_l, s_l(x)> with the statistics held fixed.
+
+    The mismatch is the mean over layers of ||s_l(x) - sent_l||^2 /
+    ||sent_l||^2 against the moments the victim sent (``sent``). Both are
+    zero at the true batch. Huang et al. (NeurIPS 2021) found known
+    BatchNorm statistics behind much reported attack success; synchronised
+    BatchNorm puts them on the wire.
+    """
+    stats = train_lib.sync_bn_statistics(variables["batch_stats"], bn)
+    if stats is None:
+        raise AttackError("the +bn objectives need synchronised BatchNorm's traffic (train mode, batchnorm='sync').")
+
+    def loss(params):
+        logits, state = model.apply(
+            {**variables, "params": params, "batch_stats": stats}, images, train=False, mutable=["moments"]
+        )
+        pairs = _moment_paths(state["moments"], bn)
+        through_stats = sum(jnp.sum(t["grad_received"] * s) for s, t in pairs)
+        mismatch = sum(sqnorm(s - t["sent"]) / jnp.maximum(sqnorm(t["sent"]), 1e-30) for s, t in pairs) / len(pairs)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        return ce + through_stats, mismatch
+
+    grads, mismatch = jax.grad(loss, has_aux=True)(variables["params"])
+    return grads, mismatch
+
+
 def factored_param_grads(model: nn.Module, variables: dict, images, labels, train: bool = False) -> list:
     """`param_grads` as a list in ``jax.tree.leaves`` order, convolution kernels as `Factored`.
 
@@ -294,8 +374,8 @@ def factored_param_grads(model: nn.Module, variables: dict, images, labels, trai
 
 
 def message_leaves(msg) -> list:
-    """The per-tensor messages of a message tree, in parameter leaf order."""
-    return jax.tree.leaves(msg, is_leaf=compress_lib.is_message)
+    """The per-tensor messages of a message tree (or of a `WithBatchNorm`'s gradient part), in parameter leaf order."""
+    return jax.tree.leaves(gradient_message(msg), is_leaf=compress_lib.is_message)
 
 
 def _sent_coordinates(m) -> bool:
@@ -307,7 +387,10 @@ def _top_k(m) -> bool:
 
 
 def applicable_objectives(msg) -> list[str]:
-    """The objectives that can attack this message: ``observed`` and those of its compressor family."""
+    """The objectives that can attack this message: ``observed`` and those of its compressor family.
+
+    With synchronised BatchNorm's traffic beside the message (`WithBatchNorm`), each also with ``+bn``.
+    """
     leaves = message_leaves(msg)
     out = ["observed"]
     if any(isinstance(m, compress_lib.LowRank) for m in leaves):
@@ -316,6 +399,8 @@ def applicable_objectives(msg) -> list[str]:
         out.append("sent_coordinates")
     if any(_top_k(m) for m in leaves):
         out.append("cosine_support")
+    if isinstance(msg, WithBatchNorm) and msg.bn:
+        out += [name + WITH_BN for name in out]
     return out
 
 
@@ -479,21 +564,29 @@ def matching_loss(model: nn.Module, variables: dict, objective: str, weights, tr
     rounding has no useful derivative, so only ``observed`` (the decoded
     message) applies to them. With synchronised BatchNorm in train mode the
     victim's gradient also depends on the other workers' batches, which the
-    attacker does not have: no objective is exactly zero there.
+    attacker does not have, so the objectives above are not zero there; each
+    with ``+bn`` takes the gradient from that BatchNorm's traffic instead
+    (`wire_bn_param_grads`, exact given the link) and adds the mismatch of
+    the sent batch moments, which makes it zero at the true input again.
     """
-    if objective not in OBJECTIVES:
-        raise AttackError(f"unknown objective {objective!r}; use one of {OBJECTIVES}.")
+    name = objective
+    objective, with_bn = split_objective(name)
 
     def prepare(msg):
-        return target_features(msg, objective, factored=True)
+        if with_bn and not (isinstance(msg, WithBatchNorm) and msg.bn):
+            raise AttackError(f"objective {name!r} needs the message's BatchNorm traffic (objectives.WithBatchNorm).")
+        return target_features(msg, objective, factored=not with_bn)
 
     def loss(x, msg, target, y):
-        if objective in SPARSE_OBJECTIVES:
+        mismatch = jnp.zeros(())
+        if with_bn:
+            grads, mismatch = wire_bn_param_grads(model, variables, x, y, msg.bn)  # plain autodiff
+        elif objective in SPARSE_OBJECTIVES:
             grads = param_grads(model, variables, x, y, train)  # the plain route: see SPARSE_OBJECTIVES
         else:
             grads = factored_param_grads(model, variables, x, y, train)
         d = dummy_features(grads, msg, objective)
-        out = cosine_distance(d, target, weights)
+        out = cosine_distance(d, target, weights) + BN_MISMATCH_WEIGHT * mismatch
         if objective in ("sent_coordinates", "cosine_support"):
             out = out + topk_support_penalty(grads, msg, d, target)
         if objective == "factors_residual":
@@ -540,12 +633,20 @@ def consistency_loss(model: nn.Module, variables: dict, train: bool):
     """``loss(x, msg, y)``: how far the message a candidate x would send is from the message seen.
 
     1 - cosine between `simulated_message_features` of g(x) and of the sent
-    message, over all tensors with equal weights. It never looks at an
-    original image, so `strongest` can select by it.
+    message, over all tensors with equal weights. With synchronised
+    BatchNorm's traffic (`WithBatchNorm`), g(x) is `wire_bn_param_grads`' and
+    the moments' mismatch is added. It never looks at an original image, so
+    `strongest` can select by it.
     """
 
     def loss(x, msg, y):
-        sim, sent = simulated_message_features(param_grads(model, variables, x, y, train), msg)
-        return cosine_distance(sim, sent, [1.0] * len(sim))
+        mismatch = jnp.zeros(())
+        if isinstance(msg, WithBatchNorm) and msg.bn:
+            # The step's own computation, known from the link (wire_bn_param_grads): the closest re-run of it.
+            grads, mismatch = wire_bn_param_grads(model, variables, x, y, msg.bn)
+        else:
+            grads = param_grads(model, variables, x, y, train)
+        sim, sent = simulated_message_features(grads, msg)
+        return cosine_distance(sim, sent, [1.0] * len(sim)) + BN_MISMATCH_WEIGHT * mismatch
 
     return loss

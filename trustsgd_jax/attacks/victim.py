@@ -9,8 +9,10 @@ the victim is worker 0. What an observer sees of that round:
   link sees it. Per tensor: PowerSGD's P_0 and Q_0 plus the public P_hat
   (orthonormalised from the sum of *all* workers' P) and Q_prev; Top-K's
   values and indices; a quantiser's codes; dense tensors in full. With
-  synchronised BatchNorm in train mode, also worker 0's local batch mean and
-  mean of squares (``bn``), sent uncompressed.
+  synchronised BatchNorm in train mode, also that BatchNorm's uncompressed
+  traffic on the same link (``bn``, `train.make_step`): worker 0's batch
+  mean and mean of squares, their all-reduce, and both sides of the
+  backward all-reduce of their cotangents.
 * ``aggregate``: what every worker receives, the averaged update
   (1/N) sum_w decompress(msg_w), as one dense message. Nothing of worker 0 is
   separable in it; the attacker matches the mixture.
@@ -57,7 +59,7 @@ class Observation(NamedTuple):
     """What one observer saw of one round (see the module docstring)."""
 
     message: Any  # per-parameter messages (compress message types), one worker's or the aggregate
-    bn: Any  # worker 0's BatchNorm statistics on the wire ({} where none travel)
+    bn: Any  # worker 0's synchronised-BatchNorm traffic (train._bn_traffic; {} where none travels)
     wire: compress_lib.WireCost  # what worker 0's gradient message cost on the wire, whatever the observer
 
 

@@ -111,7 +111,6 @@ import dataclasses
 import functools
 from typing import Any
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -157,37 +156,6 @@ class WireRecording:
         return np.unique(np.concatenate([s.member_ids for s in self.steps]))
 
 
-def step_bn_stats(batch_stats: dict, wire_bn: dict) -> dict | None:
-    """The statistics synchronised BatchNorm normalised one step with, in the layout of ``batch_stats``.
-
-    ``wire_bn`` is the step's ``bn`` message stacked over the W workers
-    (``{..., layer: {"bn_mean": ([W, C],), "bn_mean_sq": ([W, C],)}}``, sown by
-    `models.Norm`). Per layer: mean = the workers' mean of their batch means,
-    var = max(0, mean of their means of squares - mean^2), as Flax computes
-    them. None when the model has no BatchNorm statistics or none travelled
-    (BatchNorm local to each worker).
-    """
-    if not batch_stats or not wire_bn:
-        return None
-    wire = flax.traverse_util.flatten_dict(flax.core.unfreeze(wire_bn))
-    out = {}
-    for path, value in flax.traverse_util.flatten_dict(flax.core.unfreeze(batch_stats)).items():
-        if path[-1] not in ("mean", "var"):
-            return None
-        layer = path[:-2]  # models.Norm's prefix: (..., norm, BatchNorm_0, mean)
-        mu, sq = wire.get((*layer, "bn_mean")), wire.get((*layer, "bn_mean_sq"))
-        if mu is None or sq is None or len(mu) != 1 or len(sq) != 1:
-            return None
-        mean = np.mean(np.asarray(mu[0], np.float32), axis=0)
-        if path[-1] == "mean":
-            out[path] = mean
-        else:
-            out[path] = np.maximum(0.0, np.mean(np.asarray(sq[0], np.float32), axis=0) - mean**2)
-        if out[path].shape != np.shape(value):
-            return None
-    return flax.traverse_util.unflatten_dict(out)
-
-
 def record_run(
     model: nn.Module,
     compressor: compress_lib.Compressor,
@@ -204,7 +172,7 @@ def record_run(
 
     Per step (`WireStep`): the model the step started from, worker 0's
     ``grads`` message as it travelled, the step's synchronised BatchNorm
-    statistics (`step_bn_stats`) and worker 0's batch (indices into `x`).
+    statistics (`train.sync_bn_statistics`) and worker 0's batch (indices into `x`).
     Everything else of the step (other workers' messages, the update) is
     dropped as it arrives.
     """
@@ -223,7 +191,8 @@ def record_run(
     def observe(sm: train_lib.StepMessage) -> None:
         message = compress_lib.as_sent(jax.device_get(compress_lib.worker_message(sm.message["grads"], 0)))
         variables = jax.device_get(sm.variables)
-        bn = step_bn_stats(variables.get("batch_stats", {}), jax.device_get(sm.message["bn"]))
+        traffic = jax.device_get(compress_lib.worker_message(sm.message["bn"], 0))
+        bn = train_lib.sync_bn_statistics(variables.get("batch_stats", {}), traffic)
         kept.append(WireStep(sm.step, variables, message, bn, np.asarray(sm.batch_ids[0]).copy()))
 
     train_lib.fit(
