@@ -294,7 +294,10 @@ def _moment_paths(model_moments: dict, bn: dict):
     pairs = []
     for path, value in flax.traverse_util.flatten_dict(flax.core.unfreeze(model_moments)).items():
         layer = (*path[:-1], "BatchNorm_0")  # models.Norm sows at its own level; nn.BatchNorm_0 below it
-        pairs.append((value[0], {k[-1]: v for k, v in traffic.items() if k[:-1] == layer}))
+        seen = {k[-1]: v for k, v in traffic.items() if k[:-1] == layer}
+        if set(seen) != {"sent", "received", "grad_sent", "grad_received"}:
+            raise AttackError(f"BatchNorm traffic of layer {'/'.join(layer)} is missing (a round of another model?).")
+        pairs.append((value[0], seen))
     return pairs
 
 
