@@ -58,6 +58,11 @@ def init_state(
     return TrainState(params, variables.get("batch_stats", {}), optimizer.init(params), compressor.init(params))
 
 
+def has_sync_bn(model: nn.Module) -> bool:
+    """Whether `model` synchronises BatchNorm over a data-parallel axis (norm ``batch`` with an ``axis_name``)."""
+    return getattr(model, "norm", None) == "batch" and getattr(model, "axis_name", None) is not None
+
+
 def sync_bn_words(model: nn.Module, batch_stats) -> int:
     """32-bit words a worker sends per step for synchronised BatchNorm.
 
@@ -68,7 +73,7 @@ def sync_bn_words(model: nn.Module, batch_stats) -> int:
     gradient compressor. (The compiled step has these two all-reduces per
     layer and no other: tested against its HLO.)
     """
-    if getattr(model, "norm", None) != "batch" or getattr(model, "axis_name", None) is None:
+    if not has_sync_bn(model):
         return 0
     return 2 * sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(batch_stats))
 
@@ -178,7 +183,7 @@ def make_step(
 
     # With the message asked for, synchronised BatchNorm's backward all-reduce is observed too: the cotangents of
     # zero probes on its statistics (models.SyncBatchNorm). Training alone carries no probes.
-    observe_bn = return_message and train and sync_bn_words(model, {"x": jnp.zeros(1)}) > 0
+    observe_bn = return_message and train and has_sync_bn(model)
 
     def step(state: TrainState, images, labels):
         def loss_fn(params, probes):

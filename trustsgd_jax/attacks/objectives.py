@@ -320,7 +320,8 @@ def wire_bn_param_grads(model: nn.Module, variables: dict, images, labels, bn: d
     ||sent_l||^2 against the moments the victim sent (``sent``). Both are
     zero at the true batch. Huang et al. (NeurIPS 2021) found known
     BatchNorm statistics behind much reported attack success; synchronised
-    BatchNorm puts them on the wire.
+    BatchNorm puts them on the wire. Not used yet: ``grad_sent``, worker 0's
+    own dL_0/d(statistics), a further constraint on x of the same kind.
     """
     stats = train_lib.sync_bn_statistics(variables["batch_stats"], bn)
     if stats is None:
