@@ -69,7 +69,7 @@ def test_recording_keeps_worker_zeros_side(sgd_run, split):
 
 
 def test_step_statistics_reproduce_the_train_mode_forward(split):
-    """Eval mode with `step_bn_stats` is the function the step applied to its global batch in train mode."""
+    """Eval mode with `train.sync_bn_statistics` is the function the step applied to its global batch in train mode."""
     x, y = split["train"]
     seen = []
     train.fit(
