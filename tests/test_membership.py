@@ -281,6 +281,14 @@ def test_bad_inputs_raise():
         mia.membership_scores(np.array([[0.0, np.nan], [1.0, 2.0]]), np.array([0, 1]))
     with pytest.raises(mia.MembershipError, match="empty"):
         mia.evaluate_membership(lambda v: v, np.zeros((0, 2)), np.zeros(0, int), np.zeros(0, bool))
+
+    def never(v):
+        raise AssertionError("a model ran before the options were checked")
+
+    with pytest.raises(mia.MembershipError, match="unknown membership option.* lira_centre; use one of .*lira_center"):
+        mia.evaluate_membership(never, np.zeros((2, 2)), np.zeros(2, int), np.array([True, False]), lira_centre="mean")
+    with pytest.raises(mia.MembershipError, match="unknown center 'mode'"):
+        mia.evaluate_membership(never, np.zeros((2, 2)), np.zeros(2, int), np.array([True, False]), lira_center="mode")
     with pytest.raises(mia.MembershipError, match="both members and non-members"):
         mia.attack_metrics(np.ones(3), np.ones(3, bool))
     options = [

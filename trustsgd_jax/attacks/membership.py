@@ -59,6 +59,7 @@ ROC metrics live in `trustsgd_jax.metrics`, the target and shadow training in
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import warnings
 from collections.abc import Callable
 
@@ -630,6 +631,16 @@ def _check_table_inputs(is_member, lira_offline_tests, lira_center, lira_varianc
     return is_member
 
 
+def _table_options(options: dict) -> dict:
+    """`membership_table`'s options with its defaults filled in; an unknown name is a one-line error."""
+    params = inspect.signature(membership_table).parameters
+    valid = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and n not in _TABLE_DATA]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise MembershipError(f"unknown membership option(s) {', '.join(unknown)}; use one of {', '.join(valid)}.")
+    return {n: options.get(n, params[n].default) for n in valid}
+
+
 def evaluate_membership(
     predict: Callable[[np.ndarray], np.ndarray],
     images,
@@ -639,18 +650,9 @@ def evaluate_membership(
     shadow_predicts: list | None = None,
     shadow_in=None,
     augment: str = "none",
-    global_variance: bool | None = None,
-    global_variance_below: int = LIRA_GLOBAL_VARIANCE_BELOW,
-    lira_offline_tests: tuple[str, ...] = ("one_sided",),
-    lira_center: str = "mean",
-    lira_variance_pooling: str = "auto",
     population_images=None,
     population_labels=None,
-    rmia_gamma: float = RMIA_GAMMA,
-    rmia_offline_a: float | None = None,
-    rmia_views: str = "mean",
-    bootstrap: int = 200,
-    seed: int = 0,
+    **table_options,
 ) -> MembershipReport:
     """Every attack's metrics in one table for a trained target model.
 
@@ -659,6 +661,8 @@ def evaluate_membership(
     ``lira_offline_two_sided`` (if asked for) and ``lira_online`` (K >= 2);
     with a population too, ``rmia_offline`` and ``rmia_online`` (K >= 2). LiRA
     and RMIA are scored from the same K reference (shadow) models and views.
+    This runs the models once per query view and hands the logits to
+    `membership_table`, which scores them.
 
     Args:
       predict: images -> eval-mode logits of the target model.
@@ -669,34 +673,25 @@ def evaluate_membership(
         oracle accuracies, AUC and TPR are reported.
       augment: the query views (`augmentations`), for LiRA, RMIA and the
         population alike.
-      global_variance: LiRA's global variance on or off; None (default)
-        switches it on when K < ``global_variance_below``.
-      global_variance_below: 64 by default, the LiRA paper's advice for fewer
-        than 64 shadow models; the tables use this default. (It was 16 before
-        issue 14.) The row's ``variance`` field says which was used.
-      lira_offline_tests: which offline LiRA rows: ``"one_sided"`` (row
-        ``lira_offline``, the paper's test, the one the tables show) and/or
-        ``"two_sided"`` (row ``lira_offline_two_sided``, the reference code's
-        plotting density). See `lira_scores`.
-      lira_center, lira_variance_pooling: `lira_scores`' ``center`` and
-        ``variance_pooling``; `lira_scores` gives the reasons for the
-        defaults (mean, within). ``"auto"`` (default) pools within examples
-        where every example has at least 2 IN and 2 OUT references, and
-        takes the spread of all values below that, where the spread within
-        an example is undefined (one value); the rows record which.
       population_images, population_labels: RMIA's population Z, samples
         that no model trained on (checked: none may equal an evaluation
         image, `check_population_disjoint`). Their scores come from the same
         predict functions and views.
-      rmia_gamma, rmia_views: `rmia_scores`' ``gamma`` and ``views``.
-      rmia_offline_a: RMIA's a (Pr(x) offline, Pr(z) in both modes); None
-        (default) tunes it on the references (`tune_offline_a`, needs K >= 3).
-        The RMIA rows record the a used and whether it was tuned.
+      **table_options: the attacks' options (LiRA's variance, centre and
+        offline test; RMIA's gamma, a and views; the bootstrap), documented
+        once in `membership_table`. They are checked before any model runs.
     """
     if len(images) == 0:
         raise MembershipError("the evaluation set is empty.")
+    options = _table_options(table_options)
     # Before any model runs: membership_table checks the same again on the logits.
-    _check_table_inputs(is_member, lira_offline_tests, lira_center, lira_variance_pooling, rmia_views)
+    _check_table_inputs(
+        is_member,
+        options["lira_offline_tests"],
+        options["lira_center"],
+        options["lira_variance_pooling"],
+        options["rmia_views"],
+    )
     if population_images is not None:
         if not shadow_predicts:
             raise MembershipError("RMIA (a population was given) needs reference models: pass shadow_predicts.")
@@ -717,17 +712,18 @@ def evaluate_membership(
         population_labels=population_labels,
         population_target_logits=[predict(v) for v in pop_views] if pop_views else None,
         population_shadow_logits=[[p(v) for v in pop_views] for p in refs] if pop_views else None,
-        global_variance=global_variance,
-        global_variance_below=global_variance_below,
-        lira_offline_tests=lira_offline_tests,
-        lira_center=lira_center,
-        lira_variance_pooling=lira_variance_pooling,
-        rmia_gamma=rmia_gamma,
-        rmia_offline_a=rmia_offline_a,
-        rmia_views=rmia_views,
-        bootstrap=bootstrap,
-        seed=seed,
+        **options,
     )
+
+
+# membership_table's keyword arguments that are data, not options.
+_TABLE_DATA = (
+    "shadow_logits",
+    "shadow_in",
+    "population_labels",
+    "population_target_logits",
+    "population_shadow_logits",
+)
 
 
 def membership_table(
@@ -757,8 +753,29 @@ def membership_table(
     evaluation set), ``shadow_logits`` [K][A] the same per reference model,
     ``population_*_logits`` the same on the population's views. Computing
     the logits once lets a caller score many reference subsets (budget
-    curves) or snapshots without running a model again. The options are
-    `evaluate_membership`'s.
+    curves) or snapshots without running a model again.
+
+    Options:
+      global_variance: LiRA's global variance on or off; None (default)
+        switches it on when K < ``global_variance_below``.
+      global_variance_below: 64 by default, the LiRA paper's advice for fewer
+        than 64 shadow models; the tables use this default. (It was 16 before
+        issue 14.) The row's ``variance`` field says which was used.
+      lira_offline_tests: which offline LiRA rows: ``"one_sided"`` (row
+        ``lira_offline``, the paper's test, the one the tables show) and/or
+        ``"two_sided"`` (row ``lira_offline_two_sided``, the reference code's
+        plotting density). See `lira_scores`.
+      lira_center, lira_variance_pooling: `lira_scores`' ``center`` and
+        ``variance_pooling``; `lira_scores` gives the reasons for the
+        defaults (mean, within). ``"auto"`` (default) pools within examples
+        where every example has at least 2 IN and 2 OUT references, and
+        takes the spread of all values below that, where the spread within
+        an example is undefined (one value); the rows record which.
+      rmia_gamma, rmia_views: `rmia_scores`' ``gamma`` and ``views``.
+      rmia_offline_a: RMIA's a (Pr(x) offline, Pr(z) in both modes); None
+        (default) tunes it on the references (`tune_offline_a`, needs K >= 3).
+        The RMIA rows record the a used and whether it was tuned.
+      bootstrap, seed: resamples and seed of the metrics' intervals.
     """
     labels = np.asarray(labels)
     is_member = _check_table_inputs(is_member, lira_offline_tests, lira_center, lira_variance_pooling, rmia_views)
