@@ -69,6 +69,11 @@ flags.DEFINE_list("widths", ["4", "8"], "batched widths, timed for the first att
 flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "matmul dtypes (gradinv.MATMUL_DTYPES)")
 flags.DEFINE_list("devices", ["1", "2"], "local device counts for the batched rows (2: in a subprocess)")
 flags.DEFINE_integer("simulated_devices", 1, "simulated CPU devices of this process (set for the subprocess)")
+flags.DEFINE_bool(
+    "dense_targets_row",
+    True,
+    "time the first attacker also with dense deep-layer targets (objectives.dense_target_ranks)",
+)
 flags.DEFINE_bool("torch", True, "time a PyTorch eager Geiping loop when torch is importable")
 flags.DEFINE_bool("json_rows", False, "print the rows as JSON only (the subprocess's output)")
 flags.DEFINE_string("out", None, "also write the table to this Markdown file")
@@ -113,15 +118,31 @@ def _messages(model, variables, x, y, spec):
     return [round_(variables, x[None, i : i + 1], y[None, i : i + 1]).message for i in range(len(x))]
 
 
-def time_attack(model, variables, msgs, y, objective, dtype, width, devices):
-    """One row: `width` attacks with `objective` on `devices` local devices."""
+def time_attack(model, variables, msgs, y, objective, dtype, width, devices, thin_targets=True):
+    """One row: `width` attacks with `objective` on `devices` local devices.
+
+    ``thin_targets``: dense deep-layer targets as U V^T at their measured rank, as `gradinv.invert_gradients`
+    holds them (`objectives.dense_target_ranks`); False times the dense targets, for comparison.
+    """
     cfg = gradinv.AttackConfig(
         iterations=10**6, chunk=FLAGS.iterations, parallel=width, matmul_dtype=dtype, devices=devices
     )
+    attacker = gradinv.attack_model(model, dtype)
+    batch = [msgs[i % len(msgs)] for i in range(width)]
+    plain = objective in objectives.SPARSE_OBJECTIVES
+    ranks = objectives.dense_target_ranks(attacker, variables, batch, (1, 32, 32, 3), False)
     attack = gradinv.compile_attack(
-        gradinv.attack_model(model, dtype), variables, objective, cfg, "cifar10", (32, 32, 3), train=False, width=width
+        attacker,
+        variables,
+        objective,
+        cfg,
+        "cifar10",
+        (32, 32, 3),
+        train=False,
+        width=width,
+        target_ranks=ranks if thin_targets and not plain else None,
     )
-    msg = jax.tree.map(lambda *a: jnp.stack(a), *[msgs[i % len(msgs)] for i in range(width)])
+    msg = jax.tree.map(lambda *a: jnp.stack(a), *batch)
     ys = jnp.asarray(np.resize(y, width)[:, None])
     xs = jax.random.normal(jax.random.key(1), (width, 1, 32, 32, 3))
     st = attack.init(xs)
@@ -137,7 +158,7 @@ def time_attack(model, variables, msgs, y, objective, dtype, width, devices):
         compiled = one_iteration.lower(xs, st, msg, ys).compile()
         gflop = compiled.cost_analysis()["flops"] / 1e9
     return dict(
-        objective=objective,
+        objective=objective if thin_targets or not any(ranks) else f"{objective} (dense targets)",
         dtype=dtype,
         width=width,
         devices=devices,
@@ -155,7 +176,8 @@ def profile_line(model, variables, msgs, y) -> str:
     x = jax.random.normal(jax.random.key(1), (1, 32, 32, 3))
     yy = jnp.asarray(y[:1])
     weights = [1.0] * len(jax.tree.leaves(variables["params"]))
-    matching = objectives.matching_loss(attacker, variables, "observed", weights, False)
+    ranks = objectives.dense_target_ranks(attacker, variables, msgs[:1], (1, 32, 32, 3), False)
+    matching = objectives.matching_loss(attacker, variables, "observed", weights, False, ranks)
     target = jax.jit(matching.prepare)(msgs[0])
     grads = jax.jit(lambda x: objectives.factored_param_grads(attacker, variables, x, yy))
     loss = jax.jit(lambda x: matching.loss(x, msgs[0], target, yy))
@@ -276,6 +298,11 @@ def main(argv):
                 row = time_attack(model, variables, by_spec[spec], y, objective, dtype, 1, 1)
                 rows.append(dict(row, spec=spec))
                 print(json.dumps(rows[-1]), flush=True)
+                if pair == FLAGS.attackers[0] and dtype == "float32" and FLAGS.dense_targets_row:
+                    row = time_attack(model, variables, by_spec[spec], y, objective, dtype, 1, 1, thin_targets=False)
+                    if row["objective"] != objective:  # the message has thin deep-layer targets to compare
+                        rows.append(dict(row, spec=spec))
+                        print(json.dumps(rows[-1]), flush=True)
     for dtype in FLAGS.dtypes:
         for width in (int(w) for w in FLAGS.widths):
             devices = [d for d in (int(d) for d in FLAGS.devices) if d <= here]

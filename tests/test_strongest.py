@@ -308,3 +308,34 @@ def test_every_objective_on_the_factored_route_equals_plain_autodiff(setting, sp
     v_slow, g_slow = jax.jit(jax.value_and_grad(slow))(z, msg, yz)
     np.testing.assert_allclose(float(v_fast), float(v_slow), rtol=2e-5, atol=1e-6)
     assert float(jnp.linalg.norm(g_fast - g_slow) / jnp.linalg.norm(g_slow)) < 1e-4
+
+
+def test_low_rank_dense_targets_keep_the_observed_loss_and_its_gradient():
+    """A dense deep-layer target held as U V^T at its measured rank: the same value and input gradient."""
+    ds = data.load("cifar10", source="sample")
+    x = data.normalize(ds.x_train[:3, ::4, ::4], "cifar10")  # 8x8 images: the last convolution has 2x2 positions
+    y = ds.y_train[:3]
+    model = models.make_model("convnet", 10, width=16)  # ... against 32 channels and 144 patch entries
+    variables = models.init_variables(model, jax.random.key(0), (8, 8, 3))
+    # The aggregate of 2 workers: a dense message that is not the dummy's own gradient (rank 2 x 4 rows).
+    round_ = victim.make_round(model, compress.none(), workers=2, observer="aggregate", bn_statistics="eval")
+    msg = round_(variables, x[:2, None], y[:2, None]).message
+    attacker = gradinv.attack_model(model)
+    ranks = objectives.dense_target_ranks(attacker, variables, [msg], (1, 8, 8, 3), False)
+    assert sorted({r for r in ranks if r is not None}) == [8], ranks
+    weights = [1.0] * len(jax.tree.leaves(variables["params"]))
+    z, yz = jnp.asarray(x[2:]), jnp.asarray(y[:1])
+
+    def observed(target_ranks):
+        return jax.jit(
+            jax.value_and_grad(objectives.matching_loss(attacker, variables, "observed", weights, False, target_ranks))
+        )
+
+    v_thin, g_thin = observed(ranks)(z, msg, yz)
+    v_dense, g_dense = observed(None)(z, msg, yz)
+    np.testing.assert_allclose(float(v_thin), float(v_dense), rtol=1e-5)
+    assert float(jnp.linalg.norm(g_thin - g_dense) / jnp.linalg.norm(g_dense)) < 1e-4
+    # One rank short drops a genuine direction of the message: the loss moves (the test can fail).
+    short = tuple(None if r is None else r - 1 for r in ranks)
+    v_short, _ = observed(short)(z, msg, yz)
+    assert abs(float(v_short) - float(v_dense)) > 1e-4 * abs(float(v_dense))
