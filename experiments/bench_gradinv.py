@@ -158,7 +158,7 @@ def time_attack(model, variables, msgs, y, objective, dtype, width, devices, thi
         compiled = one_iteration.lower(xs, st, msg, ys).compile()
         gflop = compiled.cost_analysis()["flops"] / 1e9
     return dict(
-        objective=objective if thin_targets or not any(ranks) else f"{objective} (dense targets)",
+        objective=objective if thin_targets or plain or not any(ranks) else f"{objective} (dense targets)",
         dtype=dtype,
         width=width,
         devices=devices,

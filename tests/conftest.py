@@ -31,8 +31,9 @@ def _eight_devices():
 def _fresh_compilation_caches():
     """Drops each test module's compiled programs when it ends.
 
-    One process runs the whole suite; without this every module's
-    executables stay alive to the end (several GB by the last modules).
+    One process runs many modules (the whole suite, or with pytest-xdist
+    half of it); without this every module's executables stay alive to the
+    end (several GB by the last modules).
     """
     yield
     jax.clear_caches()

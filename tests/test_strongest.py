@@ -315,27 +315,37 @@ def test_low_rank_dense_targets_keep_the_observed_loss_and_its_gradient():
     ds = data.load("cifar10", source="sample")
     x = data.normalize(ds.x_train[:3, ::4, ::4], "cifar10")  # 8x8 images: the last convolution has 2x2 positions
     y = ds.y_train[:3]
-    model = models.make_model("convnet", 10, width=16)  # ... against 32 channels and 144 patch entries
+    model = models.make_model("convnet", 10, width=32)  # ... against 64 channels and 576 patch entries
     variables = models.init_variables(model, jax.random.key(0), (8, 8, 3))
     # The aggregate of 2 workers: a dense message that is not the dummy's own gradient (rank 2 x 4 rows).
     round_ = victim.make_round(model, compress.none(), workers=2, observer="aggregate", bn_statistics="eval")
     msg = round_(variables, x[:2, None], y[:2, None]).message
     attacker = gradinv.attack_model(model)
     ranks = objectives.dense_target_ranks(attacker, variables, [msg], (1, 8, 8, 3), False)
-    assert sorted({r for r in ranks if r is not None}) == [8], ranks
+    assert sorted({r for r in ranks if r is not None}) == [8 + objectives.RANGE_OVERSAMPLING], ranks
     weights = [1.0] * len(jax.tree.leaves(variables["params"]))
     z, yz = jnp.asarray(x[2:]), jnp.asarray(y[:1])
 
     def observed(target_ranks):
-        return jax.jit(
-            jax.value_and_grad(objectives.matching_loss(attacker, variables, "observed", weights, False, target_ranks))
-        )
+        loss = objectives.matching_loss(attacker, variables, "observed", weights, False, target_ranks)
+        return jax.jit(jax.value_and_grad(loss))
 
     v_thin, g_thin = observed(ranks)(z, msg, yz)
     v_dense, g_dense = observed(None)(z, msg, yz)
     np.testing.assert_allclose(float(v_thin), float(v_dense), rtol=1e-5)
     assert float(jnp.linalg.norm(g_thin - g_dense) / jnp.linalg.norm(g_dense)) < 1e-4
-    # One rank short drops a genuine direction of the message: the loss moves (the test can fail).
-    short = tuple(None if r is None else r - 1 for r in ranks)
+    # Below the message's true rank a genuine direction is dropped: the loss moves (the test can fail).
+    short = tuple(None if r is None else r - objectives.RANGE_OVERSAMPLING - 1 for r in ranks)
     v_short, _ = observed(short)(z, msg, yz)
     assert abs(float(v_short) - float(v_dense)) > 1e-4 * abs(float(v_dense))
+    # The compiled attack, two attacks batched (prepare runs per attack, under vmap): the same losses.
+    config = gradinv.AttackConfig(iterations=1, parallel=2, devices=1)
+    two = jax.tree.map(lambda t: jnp.stack([t, t]), msg)
+    zz, yy = jnp.stack([z, z + 0.1]), jnp.stack([yz, yz])
+    losses = [
+        gradinv.compile_attack(
+            attacker, variables, "observed", config, "cifar10", (8, 8, 3), train=False, width=2, target_ranks=r
+        ).final_loss(zz, two, yy)
+        for r in (ranks, None)
+    ]
+    np.testing.assert_allclose(np.asarray(losses[0]), np.asarray(losses[1]), rtol=1e-5)

@@ -252,7 +252,7 @@ def lira_scores(
         example); offline: OUT only.
       global_variance: one variance per (IN/OUT, view) shared by all
         examples instead of one per example. The paper uses it below 64
-        shadow models (`evaluate_membership`'s ``global_variance_below``).
+        shadow models (`membership_table`'s ``global_variance_below``).
       center: ``"mean"`` (default) or ``"median"`` of the K values, the
         Gaussian's location. The mean is the paper's Algorithm 1 (the Gaussian
         maximum-likelihood fit the test assumes); the reference code's

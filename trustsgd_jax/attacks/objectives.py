@@ -451,12 +451,24 @@ def target_features(msg, objective: str, *, factored: bool = False) -> list:
 
 
 # Singular values below this fraction of the largest count as float noise in `dense_target_ranks`. Measured on
-# ResNet-18 at B = 1: the last genuine one is 1e-3 (eval mode) or 1e-1 of it, float noise about 1e-8.
+# ResNet-18 at B = 1 (32x32): the smallest genuine one is about 1e-3 of the largest in eval mode and 1e-7 in train
+# mode (where it is BatchNorm's removed mean direction, at the float floor itself), float noise about 1e-8.
 RANK_TOLERANCE = 1e-5
+# Extra columns of the range finder (`low_rank_target`): they capture directions just below the tolerance too.
+RANGE_OVERSAMPLING = 8
 
 
 def _gram_shape(rows: int, k: int, c: int) -> bool:
     return rows * (k + c) < k * c
+
+
+def _numerical_rank(t: np.ndarray) -> int | None:
+    """Singular values above `RANK_TOLERANCE` of the largest (from the C x C Gram matrix); None if not finite."""
+    t = np.asarray(t, np.float64)
+    if not np.isfinite(t).all():
+        return None
+    sv = np.sqrt(np.maximum(np.linalg.eigvalsh(t.T @ t), 0.0))
+    return int(np.sum(sv > RANK_TOLERANCE * sv.max())) if sv.max() > 0 else 0
 
 
 def dense_target_ranks(model: nn.Module, variables: dict, messages: list, x_shape, train: bool) -> tuple:
@@ -468,11 +480,12 @@ def dense_target_ranks(model: nn.Module, variables: dict, messages: list, x_shap
     against 512 columns. Where the dummy's `Factored` gradient is on the Gram
     route, <G, T> = <D, P T> costs rows x K x C per iteration; with
     T = U V^T of rank r it is <D V, P U>, rows x (K + C) x r. The rank is
-    measured on the concrete messages (the largest over them, singular values
-    above `RANK_TOLERANCE` of the largest), so the target is the message
-    itself up to float rounding whoever the observer; a tensor whose rank
-    would not save half the cost stays dense. ``x_shape`` is one attack's
-    dummy batch [B, H, W, C].
+    measured on these concrete messages (the largest over them, singular
+    values above `RANK_TOLERANCE` of the largest), plus `RANGE_OVERSAMPLING`,
+    whoever the observer; a tensor whose rank would not save half the cost,
+    or that is not finite, stays dense. The ranks hold for these messages
+    only: an attack compiled with them projects any other message onto that
+    rank. ``x_shape`` is one attack's dummy batch [B, H, W, C].
     """
     x = jax.ShapeDtypeStruct(tuple(x_shape), jnp.float32)
     y = jax.ShapeDtypeStruct(tuple(x_shape[:1]), jnp.int32)
@@ -484,29 +497,30 @@ def dense_target_ranks(model: nn.Module, variables: dict, messages: list, x_shap
         if isinstance(g, Factored) and all(isinstance(ms[i], compress_lib.Dense) for ms in leaves):
             rows, k, c = math.prod(g.patches.shape[:-1]), g.patches.shape[-1], g.cotangent.shape[-1]
             if _gram_shape(rows, k, c):
-                r = 0
-                for ms in leaves:
-                    sv = np.linalg.svd(np.asarray(ms[i].value, np.float64).reshape(k, c), compute_uv=False)
-                    r = max(r, int(np.sum(sv > RANK_TOLERANCE * sv[0])) if sv[0] > 0 else 0)
-                if 2 * r * (k + c) <= k * c:
-                    rank = max(r, 1)
+                ranks = [_numerical_rank(ms[i].value.reshape(k, c)) for ms in leaves]
+                known = [r for r in ranks if r is not None]
+                if len(known) == len(ranks):
+                    r = min(max(known) + RANGE_OVERSAMPLING, k, c)
+                    rank = r if 2 * r * (k + c) <= k * c else None
         out.append(rank)
     return tuple(out)
 
 
 def low_rank_target(t, rank: int) -> LowRankTarget:
-    """A dense kernel-layout target T [..., C_out] of (at most) the given rank as U V^T, exactly.
+    """A dense kernel-layout target T [..., C_out] as U V^T = U U^T T, U [K, rank] orthonormal.
 
     U is an orthonormal basis of the range of T Omega for a fixed Gaussian
     Omega [C_out, rank] (a randomised range finder, Halko, Martinsson and
-    Tropp 2011), V = T^T U, so U V^T = U U^T T is T whenever its rank is at
-    most `rank`. It costs two thin products and a thin QR: an SVD in XLA:CPU
-    took longer than the iterations it saved.
+    Tropp 2011), V = T^T U. U U^T T is T when T's rank is at most `rank`, and
+    otherwise drops only the part of T outside span(U): with the oversampled
+    rank of `dense_target_ranks`, a tail below `RANK_TOLERANCE`. It costs two
+    thin products and a thin QR, at full fp32 precision (no TF32 on GPUs):
+    an SVD in XLA:CPU took longer than the iterations it saved.
     """
     m = t.reshape(-1, t.shape[-1])
     omega = jax.random.normal(jax.random.key(0), (m.shape[1], rank), m.dtype)
-    u, _ = jnp.linalg.qr(m @ omega)
-    return LowRankTarget(u, m.T @ u)
+    u, _ = jnp.linalg.qr(jnp.matmul(m, omega, precision=jax.lax.Precision.HIGHEST))
+    return LowRankTarget(u, jnp.matmul(m.T, u, precision=jax.lax.Precision.HIGHEST))
 
 
 def _grad_list(grads) -> list:
@@ -626,7 +640,7 @@ def matching_loss(
     the factors (`dummy_features`); a decompressed PowerSGD target stays
     factored (`LowRankTarget`), and so does a dense one of a deep
     convolution given its rank (``target_ranks``, `dense_target_ranks`; the
-    SVD is taken in ``prepare``). The same values as the plain autodiff
+    factors are found in ``prepare``, `low_rank_target`). The same values as the plain autodiff
     gradient (tested), at a fraction of the cost.
 
     QSGD and sign compression send a quantised copy of every entry; their
@@ -648,7 +662,7 @@ def matching_loss(
         if target_ranks is None or with_bn or objective in SPARSE_OBJECTIVES:
             return target  # those take the plain gradient, with no factors to contract a thin target with
         return [
-            low_rank_target(t, r) if r is not None and _view(m, objective) == "dense" else t
+            low_rank_target(t, r) if r is not None and isinstance(m, compress_lib.Dense) else t
             for t, m, r in zip(target, message_leaves(msg), target_ranks, strict=True)
         ]
 
