@@ -129,8 +129,10 @@ def time_attack(model, variables, msgs, y, objective, dtype, width, devices, thi
     )
     attacker = gradinv.attack_model(model, dtype)
     batch = [msgs[i % len(msgs)] for i in range(width)]
-    plain = objective in objectives.SPARSE_OBJECTIVES
-    ranks = objectives.dense_target_ranks(attacker, variables, batch, (1, 32, 32, 3), False)
+    could_be_thin = objectives.takes_thin_targets(objective)
+    ranks = None
+    if thin_targets and could_be_thin:
+        ranks = objectives.dense_target_ranks(attacker, variables, batch, (1, 32, 32, 3), False)
     attack = gradinv.compile_attack(
         attacker,
         variables,
@@ -140,7 +142,7 @@ def time_attack(model, variables, msgs, y, objective, dtype, width, devices, thi
         (32, 32, 3),
         train=False,
         width=width,
-        target_ranks=ranks if thin_targets and not plain else None,
+        target_ranks=ranks,
     )
     msg = jax.tree.map(lambda *a: jnp.stack(a), *batch)
     ys = jnp.asarray(np.resize(y, width)[:, None])
@@ -158,7 +160,7 @@ def time_attack(model, variables, msgs, y, objective, dtype, width, devices, thi
         compiled = one_iteration.lower(xs, st, msg, ys).compile()
         gflop = compiled.cost_analysis()["flops"] / 1e9
     return dict(
-        objective=objective if thin_targets or plain or not any(ranks) else f"{objective} (dense targets)",
+        objective=f"{objective} (dense targets)" if could_be_thin and not thin_targets else objective,
         dtype=dtype,
         width=width,
         devices=devices,

@@ -125,6 +125,18 @@ def test_wire_bn_gradient_is_the_sent_gradient_and_needs_the_backward_traffic(se
     for a, b in zip(jax.tree.leaves(grads), sent, strict=True):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
     assert float(mismatch) < 1e-10
+    # The factored route (what the +bn objectives use) gives the same gradient, kernels as their factors.
+    z = jnp.asarray(x[1:]) + 0.1  # away from the truth, where the mismatch is not zero
+    plain, plain_mismatch = objectives.wire_bn_param_grads(attacker, variables, z, jnp.asarray(y[:1]), seen.bn)
+    fast, fast_mismatch = objectives.wire_bn_param_grads(
+        attacker, variables, z, jnp.asarray(y[:1]), seen.bn, factored=True
+    )
+    assert any(isinstance(g, objectives.Factored) for g in fast)
+    for a, b in zip(fast, jax.tree.leaves(plain), strict=True):
+        a = a.dense(b.shape) if isinstance(a, objectives.Factored) else a
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)
+    np.testing.assert_allclose(float(fast_mismatch), float(plain_mismatch), rtol=1e-5)
+    assert float(plain_mismatch) > 1e-3
     msg = objectives.WithBatchNorm(seen.message, seen.bn)
     assert objectives.applicable_objectives(msg) == ["observed", "observed+bn"]
     weights = [1.0] * len(sent)

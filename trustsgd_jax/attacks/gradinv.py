@@ -289,9 +289,9 @@ def _run_objective(model, variables, messages, labels, image_shape, dataset, obj
     jobs_total = n * config.restarts
     spread = min(len(attack_devices(config)), jobs_total)
     width = -(-min(config.parallel, jobs_total) // spread) * spread  # a multiple of the devices used
-    base, with_bn = objectives.split_objective(objective)
-    plain = with_bn or base in objectives.SPARSE_OBJECTIVES  # plain autodiff: no factors for a thin target
-    ranks = None if plain else objectives.dense_target_ranks(model, variables, messages, (b, *image_shape), train)
+    ranks = None
+    if objectives.takes_thin_targets(objective):
+        ranks = objectives.dense_target_ranks(model, variables, messages, (b, *image_shape), train)
     attack = compile_attack(
         model, variables, objective, config, dataset, image_shape, train=train, width=width, target_ranks=ranks
     )

@@ -84,6 +84,18 @@ def split_objective(name: str) -> tuple[str, bool]:
     return base, with_bn
 
 
+def takes_thin_targets(name: str) -> bool:
+    """Whether objective `name` can hold dense deep-layer targets thin (`low_rank_target`).
+
+    Only objectives on the factored route can: a thin target is contracted with
+    the dummy gradient's factors. ``+bn`` objectives and the sparse ones
+    (`SPARSE_OBJECTIVES`) take the plain autodiff gradient, so a thin target
+    there would only be expanded again.
+    """
+    base, with_bn = split_objective(name)
+    return not with_bn and base not in SPARSE_OBJECTIVES
+
+
 class Factored(NamedTuple):
     """A convolution's weight gradient kept as its two factors: G = P^T D.
 
@@ -280,14 +292,48 @@ def _apply(model: nn.Module, variables: dict, images, train: bool, mutable: list
     return model.apply(variables, images, train=False, mutable=mutable)
 
 
+def _step_loss(model: nn.Module, variables: dict, images, labels, bn: dict | None, train: bool):
+    """The victim's training loss as the attacker recomputes it, as a function of the parameters.
+
+    ``f(params, extra, mutable) -> (value, (mismatch, state))``: ``extra``
+    are further variable collections (the factored route's probes),
+    ``mutable`` collections to return in ``state``. Without BatchNorm traffic
+    (``bn=None``) the value is the mean cross-entropy in the given BatchNorm
+    mode and the mismatch 0; with it, see `wire_bn_param_grads`. Every
+    gradient of this module is taken from here, so the plain and the
+    factored routes differentiate one function.
+    """
+    if bn is None:
+
+        def plain(params, extra, mutable):
+            logits, state = _apply(model, {**variables, **extra, "params": params}, images, train, mutable)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), (jnp.zeros(()), state)
+
+        return plain
+    stats = train_lib.sync_bn_statistics(variables["batch_stats"], bn)
+    if stats is None:
+        raise AttackError("the +bn objectives need synchronised BatchNorm's traffic (train mode, batchnorm='sync').")
+
+    def through_the_wire(params, extra, mutable):
+        logits, state = model.apply(
+            {**variables, **extra, "params": params, "batch_stats": stats},
+            images,
+            train=False,
+            mutable=[*mutable, "moments"],
+        )
+        pairs = _moment_paths(state["moments"], bn)
+        through_stats = sum(jnp.sum(t["grad_received"] * s) for s, t in pairs)
+        mismatch = sum(sqnorm(s - t["sent"]) / jnp.maximum(sqnorm(t["sent"]), 1e-30) for s, t in pairs) / len(pairs)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        return ce + through_stats, (mismatch, state)
+
+    return through_the_wire
+
+
 def param_grads(model: nn.Module, variables: dict, images, labels, train: bool = False):
     """Gradient of the mean cross-entropy w.r.t. the parameters (BatchNorm mode: see the module docstring)."""
-
-    def loss(params):
-        logits, _ = _apply(model, {**variables, "params": params}, images, train, [])
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-    return jax.grad(loss)(variables["params"])
+    loss = _step_loss(model, variables, images, labels, None, train)
+    return jax.grad(lambda params: loss(params, {}, [])[0])(variables["params"])
 
 
 def _moment_paths(model_moments: dict, bn: dict):
@@ -303,7 +349,7 @@ def _moment_paths(model_moments: dict, bn: dict):
     return pairs
 
 
-def wire_bn_param_grads(model: nn.Module, variables: dict, images, labels, bn: dict):
+def wire_bn_param_grads(model: nn.Module, variables: dict, images, labels, bn: dict, factored: bool = False):
     """(gradient, statistics mismatch) of dummy images as a synchronised-BatchNorm train step computes it.
 
     Worker 0's gradient in such a step is exact given the traffic of its
@@ -324,23 +370,48 @@ def wire_bn_param_grads(model: nn.Module, variables: dict, images, labels, bn: d
     BatchNorm statistics behind much reported attack success; synchronised
     BatchNorm puts them on the wire. Not used yet: ``grad_sent``, worker 0's
     own dL_0/d(statistics), a further constraint on x of the same kind.
+
+    With ``factored=True`` the gradient comes as `factored_param_grads`'
+    list (convolution kernels as `Factored`), else as a parameter pytree.
     """
-    stats = train_lib.sync_bn_statistics(variables["batch_stats"], bn)
-    if stats is None:
-        raise AttackError("the +bn objectives need synchronised BatchNorm's traffic (train mode, batchnorm='sync').")
-
-    def loss(params):
-        logits, state = model.apply(
-            {**variables, "params": params, "batch_stats": stats}, images, train=False, mutable=["moments"]
-        )
-        pairs = _moment_paths(state["moments"], bn)
-        through_stats = sum(jnp.sum(t["grad_received"] * s) for s, t in pairs)
-        mismatch = sum(sqnorm(s - t["sent"]) / jnp.maximum(sqnorm(t["sent"]), 1e-30) for s, t in pairs) / len(pairs)
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-        return ce + through_stats, mismatch
-
-    grads, mismatch = jax.grad(loss, has_aux=True)(variables["params"])
+    loss = _step_loss(model, variables, images, labels, bn, False)
+    if factored:
+        return _factored_grads(model, variables, loss)
+    grads, (mismatch, _) = jax.grad(lambda params: loss(params, {}, []), has_aux=True)(variables["params"])
     return grads, mismatch
+
+
+def _factored_grads(model: nn.Module, variables: dict, loss) -> tuple[list, jax.Array]:
+    """(`factored_param_grads`' list, mismatch) of a `_step_loss`."""
+    params = variables["params"]
+    shapes = jax.eval_shape(lambda: loss(params, {}, ["factors", "perturbations"])[1][1])
+    if "factors" not in shapes:
+        grads, (mismatch, _) = jax.grad(lambda p: loss(p, {}, []), has_aux=True)(params)
+        return jax.tree.leaves(grads), mismatch
+    factored = {k[:-1] for k in flax.traverse_util.flatten_dict(shapes["factors"])}
+    flat = flax.traverse_util.flatten_dict(params)
+    kernels = {k: v for k, v in flat.items() if k[-1] == "kernel" and k[:-1] in factored}
+    others = {k: v for k, v in flat.items() if k not in kernels}
+    probes = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["perturbations"])
+
+    def of_others_and_probes(others, probes):
+        p = flax.traverse_util.unflatten_dict({**kernels, **others})
+        value, (mismatch, state) = loss(p, {"perturbations": probes}, ["factors"])
+        return value, (mismatch, state["factors"])
+
+    (g_others, g_probes), (mismatch, factors) = jax.grad(of_others_and_probes, argnums=(0, 1), has_aux=True)(
+        others, probes
+    )
+    patches = flax.traverse_util.flatten_dict(factors)
+    cotangents = flax.traverse_util.flatten_dict(g_probes)
+    out: list[Any] = []
+    for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
+        k = tuple(p.key for p in path)
+        if k in kernels:
+            out.append(Factored(patches[k[:-1] + ("patches",)][0], cotangents[k[:-1] + ("out",)]))
+        else:
+            out.append(g_others[k])
+    return out, mismatch
 
 
 def factored_param_grads(model: nn.Module, variables: dict, images, labels, train: bool = False) -> list:
@@ -351,32 +422,7 @@ def factored_param_grads(model: nn.Module, variables: dict, images, labels, trai
     w.r.t. the probes gives the cotangents. Other tensors (and every tensor of
     a model with native convolutions) come as plain arrays.
     """
-    params = variables["params"]
-    shapes = jax.eval_shape(lambda: _apply(model, variables, images, train, ["factors", "perturbations"])[1])
-    if "factors" not in shapes:
-        return jax.tree.leaves(param_grads(model, variables, images, labels, train))
-    factored = {k[:-1] for k in flax.traverse_util.flatten_dict(shapes["factors"])}
-    flat = flax.traverse_util.flatten_dict(params)
-    kernels = {k: v for k, v in flat.items() if k[-1] == "kernel" and k[:-1] in factored}
-    others = {k: v for k, v in flat.items() if k not in kernels}
-    probes = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["perturbations"])
-
-    def loss(others, probes):
-        p = flax.traverse_util.unflatten_dict({**kernels, **others})
-        logits, state = _apply(model, {**variables, "params": p, "perturbations": probes}, images, train, ["factors"])
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), state["factors"]
-
-    (g_others, g_probes), factors = jax.grad(loss, argnums=(0, 1), has_aux=True)(others, probes)
-    patches = flax.traverse_util.flatten_dict(factors)
-    cotangents = flax.traverse_util.flatten_dict(g_probes)
-    out: list[Any] = []
-    for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
-        k = tuple(p.key for p in path)
-        if k in kernels:
-            out.append(Factored(patches[k[:-1] + ("patches",)][0], cotangents[k[:-1] + ("out",)]))
-        else:
-            out.append(g_others[k])
-    return out
+    return _factored_grads(model, variables, _step_loss(model, variables, images, labels, None, train))[0]
 
 
 def message_leaves(msg) -> list:
@@ -658,9 +704,9 @@ def matching_loss(
     def prepare(msg):
         if with_bn and not (isinstance(msg, WithBatchNorm) and msg.bn):
             raise AttackError(f"objective {name!r} needs the message's BatchNorm traffic (objectives.WithBatchNorm).")
-        target = target_features(msg, objective, factored=not with_bn)
-        if target_ranks is None or with_bn or objective in SPARSE_OBJECTIVES:
-            return target  # those take the plain gradient, with no factors to contract a thin target with
+        target = target_features(msg, objective, factored=True)
+        if target_ranks is None or not takes_thin_targets(name):
+            return target
         return [
             low_rank_target(t, r) if r is not None and isinstance(m, compress_lib.Dense) else t
             for t, m, r in zip(target, message_leaves(msg), target_ranks, strict=True)
@@ -669,7 +715,8 @@ def matching_loss(
     def loss(x, msg, target, y):
         mismatch = jnp.zeros(())
         if with_bn:
-            grads, mismatch = wire_bn_param_grads(model, variables, x, y, msg.bn)  # plain autodiff
+            factored = objective not in SPARSE_OBJECTIVES  # the plain route for those: see SPARSE_OBJECTIVES
+            grads, mismatch = wire_bn_param_grads(model, variables, x, y, msg.bn, factored=factored)
         elif objective in SPARSE_OBJECTIVES:
             grads = param_grads(model, variables, x, y, train)  # the plain route: see SPARSE_OBJECTIVES
         else:
