@@ -819,6 +819,20 @@ def run_mia_unit(u: dict, ds: data.Dataset, workdir: pathlib.Path, parallel_mode
         buf, **{f"{k}_fpr": v[0] for k, v in rep.roc.items()}, **{f"{k}_tpr": v[1] for k, v in rep.roc.items()}
     )
     results.write_atomic(workdir / roc, buf.getvalue())
+    scores = pathlib.Path("roc") / f"{u['key']}_scores.npz"
+    results.write_atomic(
+        workdir / scores,
+        membership.scores_npz(
+            logits["target"],
+            y,
+            setup.is_member,
+            shadow_logits=logits["shadows"],
+            shadow_in=logits["shadow_in"],
+            population_labels=logits["population_labels"],
+            population_target_logits=logits["population_target"],
+            population_shadow_logits=logits["population_shadows"],
+        ),
+    )
     final = snapshots[-1]
     return dict(
         u,
@@ -830,6 +844,7 @@ def run_mia_unit(u: dict, ds: data.Dataset, workdir: pathlib.Path, parallel_mode
         budgets=budgets,
         wire=setup.wire,
         roc=str(roc),
+        scores=str(scores),
         split=str(split),
         seconds=dict(train=train_seconds, total=time.time() - t0),
     )

@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 from absl import flags
 
-from experiments import report
+from experiments import mia_rescore, report
 from experiments import reproduce as reproduce_lib
 from experiments.reproduce import process_share
 from trustsgd_jax import results
+from trustsgd_jax.attacks import membership
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=ROOT)
@@ -129,6 +130,38 @@ def test_tiny_run_writes_every_report_and_tables_parse_back(full_run):
     assert "## Claims" in (workdir / "report.md").read_text()
     assert "SSIM" in stdout and "4 units to run" in stdout
     assert all(r["workers"] == 2 and r["bn_statistics"] == "eval" and r["observer"] == "worker" for r in gradinv)
+
+
+def test_kept_scores_rescore_to_the_stored_table(full_run):
+    """A unit's kept per-example scores (membership.scores_npz) give back its table exactly, without a model."""
+    workdir, _ = full_run
+    for r in (r for r in results.read_records(workdir / "results.jsonl").records if r["kind"] == "mia"):
+        loaded = membership.load_scores_npz(workdir / r["scores"])
+        assert len(loaded["shadow_scores"]) == r["mia_shadows"] and loaded["population_target_scores"]
+        table = membership.scores_table(**loaded, bootstrap=200, seed=r["seed"]).table
+        assert set(table) == set(r["attacks"])
+        for name, row in r["attacks"].items():
+            for metric in ("auc", "tpr@1%fpr", "auc_ci"):
+                assert table[name][metric] == pytest.approx(row[metric], abs=1e-12), (name, metric)
+        ranks, pairs, ratio = mia_rescore.decomposition(loaded)
+        assert set(ranks) == {"log p_y", "r(x), online", "r(x), OUT only"}
+        assert 0 <= pairs["member_easier"] <= pairs["moved"] <= pairs["total"]
+
+        # The decomposition's premise: RMIA online orders the examples as r(x) does (ties aside).
+        def stacked(models):
+            return np.stack([np.stack([v["loss"] for v in views], -1) for views in models])
+
+        rmia = membership.rmia_scores(
+            stacked([loaded["target_scores"]])[0],
+            stacked(loaded["shadow_scores"]),
+            loaded["shadow_in"],
+            stacked([loaded["population_target_scores"]])[0],
+            stacked(loaded["population_shadow_scores"]),
+            online=True,
+            offline_a=r["attacks"]["rmia_online"]["offline_a"],
+        )
+        order = np.argsort(ratio)
+        assert np.all(np.diff(rmia[order]) >= 0) and len(np.unique(rmia)) > 1
 
 
 def test_utility_matched_takes_each_compressor_s_first_snapshot_at_the_common_level():

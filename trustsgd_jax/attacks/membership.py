@@ -60,8 +60,10 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import io
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from scipy import special, stats
@@ -252,7 +254,7 @@ def lira_scores(
         example); offline: OUT only.
       global_variance: one variance per (IN/OUT, view) shared by all
         examples instead of one per example. The paper uses it below 64
-        shadow models (`membership_table`'s ``global_variance_below``).
+        shadow models (`scores_table`'s ``global_variance_below``).
       center: ``"mean"`` (default) or ``"median"`` of the K values, the
         Gaussian's location. The mean is the paper's Algorithm 1 (the Gaussian
         maximum-likelihood fit the test assumes); the reference code's
@@ -632,8 +634,8 @@ def _check_table_inputs(is_member, lira_offline_tests, lira_center, lira_varianc
 
 
 def _table_options(options: dict) -> dict:
-    """`membership_table`'s options with its defaults filled in; an unknown name is a one-line error."""
-    params = inspect.signature(membership_table).parameters
+    """`scores_table`'s options with its defaults filled in; an unknown name is a one-line error."""
+    params = inspect.signature(scores_table).parameters
     valid = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and n not in _TABLE_DATA]
     unknown = sorted(set(options) - set(valid))
     if unknown:
@@ -679,7 +681,7 @@ def evaluate_membership(
         predict functions and views.
       **table_options: the attacks' options (LiRA's variance, centre and
         offline test; RMIA's gamma, a and views; the bootstrap), documented
-        once in `membership_table`. They are checked before any model runs.
+        once in `scores_table`. They are checked before any model runs.
     """
     if len(images) == 0:
         raise MembershipError("the evaluation set is empty.")
@@ -716,14 +718,14 @@ def evaluate_membership(
     )
 
 
-# membership_table's keyword arguments that are data, not options.
+# scores_table's keyword arguments that are data, not options.
 _TABLE_DATA = (
-    "shadow_logits",
+    "shadow_scores",
     "shadow_in",
-    "population_labels",
-    "population_target_logits",
-    "population_shadow_logits",
+    "population_target_scores",
+    "population_shadow_scores",
 )
+SCORE_NAMES = (*THRESHOLD_ATTACKS, "phi")
 
 
 def membership_table(
@@ -736,6 +738,131 @@ def membership_table(
     population_labels=None,
     population_target_logits=None,
     population_shadow_logits=None,
+    **table_options,
+) -> MembershipReport:
+    """`evaluate_membership`'s table from logits already computed: one list entry per query view.
+
+    ``target_logits`` is [A] arrays [N, C] (the target on each view of the
+    evaluation set), ``shadow_logits`` [K][A] the same per reference model,
+    ``population_*_logits`` the same on the population's views. Computing
+    the logits once lets a caller score many reference subsets (budget
+    curves) or snapshots without running a model again. Each logit row
+    becomes its `membership_scores`, and `scores_table` (which documents
+    ``table_options``) makes the table from those.
+    """
+    options = _table_options(table_options)
+    labels = np.asarray(labels)
+    _check_table_inputs(
+        is_member,
+        options["lira_offline_tests"],
+        options["lira_center"],
+        options["lira_variance_pooling"],
+        options["rmia_views"],
+    )
+    if population_target_logits is not None and not shadow_logits:
+        raise MembershipError("RMIA (population logits were given) needs reference models: pass shadow_logits.")
+    if population_target_logits is not None and (population_shadow_logits is None or population_labels is None):
+        raise MembershipError(
+            "RMIA needs the population's labels and every reference's logits on it: pass population_labels and "
+            "population_shadow_logits with population_target_logits."
+        )
+
+    def scored(per_view, y):
+        return [membership_scores(z, y) for z in per_view]
+
+    population = population_target_logits is not None
+    return scores_table(
+        scored(target_logits, labels),
+        is_member,
+        shadow_scores=[scored(v, labels) for v in shadow_logits] if shadow_logits else None,
+        shadow_in=shadow_in,
+        population_target_scores=scored(population_target_logits, population_labels) if population else None,
+        population_shadow_scores=[scored(v, population_labels) for v in population_shadow_logits]
+        if population
+        else None,
+        **options,
+    )
+
+
+def stack_scores(per_view: list[dict]) -> dict[str, np.ndarray]:
+    """One model's `membership_scores` per query view as {score: [N, A]} (for storing; `unstack_scores` inverts)."""
+    return {k: np.stack([v[k] for v in per_view], -1) for k in SCORE_NAMES}
+
+
+def unstack_scores(arrays: dict) -> list[dict]:
+    """{score: [N, A]} back to a list of A `membership_scores` dicts, the input of `scores_table`."""
+    views = arrays[SCORE_NAMES[0]].shape[-1]
+    return [{k: np.asarray(arrays[k])[:, a] for k in SCORE_NAMES} for a in range(views)]
+
+
+def scores_npz(
+    target_logits,
+    labels,
+    is_member,
+    *,
+    shadow_logits=None,
+    shadow_in=None,
+    population_labels=None,
+    population_target_logits=None,
+    population_shadow_logits=None,
+) -> bytes:
+    """`membership_table`'s inputs as per-example scores in a compressed npz: rescoring needs no model.
+
+    Keys ``{model}/{score}`` [N, A] for ``target``, ``shadow{k}``,
+    ``population_target`` and ``population_shadow{k}`` (`stack_scores`), plus
+    ``is_member`` [N] and ``shadow_in`` [K, N]. Five numbers per logit row
+    instead of the logits (CIFAR-100's 100 classes would make the file 20
+    times larger). `load_scores_npz` reads it back as `scores_table`'s
+    arguments.
+    """
+    out: dict[str, Any] = {"is_member": np.asarray(is_member, bool)}
+
+    def put(model: str, per_view, y):
+        scores = stack_scores([membership_scores(z, y) for z in per_view])
+        out.update({f"{model}/{k}": v for k, v in scores.items()})
+
+    put("target", target_logits, labels)
+    for k, views in enumerate(shadow_logits or []):
+        put(f"shadow{k}", views, labels)
+    if shadow_logits:
+        out["shadow_in"] = np.asarray(shadow_in, bool)
+    if population_target_logits is not None:
+        put("population_target", population_target_logits, population_labels)
+        for k, views in enumerate(population_shadow_logits):
+            put(f"population_shadow{k}", views, population_labels)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **out)
+    return buf.getvalue()
+
+
+def load_scores_npz(path) -> dict:
+    """A `scores_npz` file as `scores_table`'s positional and data arguments: ``scores_table(**loaded, ...)``."""
+    with np.load(path) as f:
+        arrays = {k: f[k] for k in f.files}
+
+    def model(name: str) -> list[dict]:
+        return unstack_scores({k: arrays[f"{name}/{k}"] for k in SCORE_NAMES})
+
+    k = sum(1 for n in arrays if n.startswith("shadow") and n.endswith(f"/{SCORE_NAMES[0]}"))
+    population = f"population_target/{SCORE_NAMES[0]}" in arrays
+    return dict(
+        target_scores=model("target"),
+        is_member=arrays["is_member"],
+        shadow_scores=[model(f"shadow{j}") for j in range(k)] or None,
+        shadow_in=arrays.get("shadow_in"),
+        population_target_scores=model("population_target") if population else None,
+        population_shadow_scores=[model(f"population_shadow{j}") for j in range(k)] if population else None,
+    )
+
+
+def scores_table(
+    target_scores: list[dict],
+    is_member,
+    *,
+    shadow_scores: list | None = None,
+    shadow_in=None,
+    population_target_scores: list[dict] | None = None,
+    population_shadow_scores: list | None = None,
     global_variance: bool | None = None,
     global_variance_below: int = LIRA_GLOBAL_VARIANCE_BELOW,
     lira_offline_tests: tuple[str, ...] = ("one_sided",),
@@ -747,13 +874,13 @@ def membership_table(
     bootstrap: int = 200,
     seed: int = 0,
 ) -> MembershipReport:
-    """`evaluate_membership`'s table from logits already computed: one list entry per query view.
+    """Every attack's metrics from per-example scores: `membership_table` after the logits.
 
-    ``target_logits`` is [A] arrays [N, C] (the target on each view of the
-    evaluation set), ``shadow_logits`` [K][A] the same per reference model,
-    ``population_*_logits`` the same on the population's views. Computing
-    the logits once lets a caller score many reference subsets (budget
-    curves) or snapshots without running a model again.
+    ``target_scores`` holds one `membership_scores` dict per query view,
+    ``shadow_scores`` [K] such lists, the ``population_*`` the same on the
+    population. Kept scores (`stack_scores`; `experiments.reproduce` stores
+    the final models') can be scored again with other options, without
+    running or even keeping a model.
 
     Options:
       global_variance: LiRA's global variance on or off; None (default)
@@ -777,26 +904,20 @@ def membership_table(
         The RMIA rows record the a used and whether it was tuned.
       bootstrap, seed: resamples and seed of the metrics' intervals.
     """
-    labels = np.asarray(labels)
     is_member = _check_table_inputs(is_member, lira_offline_tests, lira_center, lira_variance_pooling, rmia_views)
-    if population_target_logits is not None and not shadow_logits:
-        raise MembershipError("RMIA (population logits were given) needs reference models: pass shadow_logits.")
-    if population_target_logits is not None and (population_shadow_logits is None or population_labels is None):
-        raise MembershipError(
-            "RMIA needs the population's labels and every reference's logits on it: pass population_labels and "
-            "population_shadow_logits with population_target_logits."
-        )
-    target = [membership_scores(z, labels) for z in target_logits]
+    if population_target_scores is not None and (not shadow_scores or population_shadow_scores is None):
+        raise MembershipError("RMIA (population scores were given) needs every reference's scores on it too.")
+    target = target_scores
     table, roc = {}, {}
     shadows = None
-    if shadow_logits:
+    if shadow_scores:
         shadow_in = np.asarray(shadow_in, bool)
-        if shadow_in.shape != (len(shadow_logits), len(labels)):
+        if shadow_in.shape != (len(shadow_scores), len(is_member)):
             raise MembershipError(
-                f"shadow_in is {shadow_in.shape}, expected ({len(shadow_logits)}, {len(labels)}): one row per "
+                f"shadow_in is {shadow_in.shape}, expected ({len(shadow_scores)}, {len(is_member)}): one row per "
                 "shadow model, one column per evaluation example."
             )
-        shadows = [[membership_scores(z, labels) for z in per_view] for per_view in shadow_logits]
+        shadows = shadow_scores
 
     def add(name, s, threshold=None, **info):
         table[name] = {**attack_metrics(s, is_member, threshold, bootstrap, seed), **info}
@@ -847,16 +968,10 @@ def membership_table(
     if k >= 2:
         add("lira_online", lira(True), 0.0, variance=variance, variance_pooling=pooling)
 
-    if population_target_logits is not None:
-        pop_labels = np.asarray(population_labels)
+    if population_target_scores is not None and population_shadow_scores is not None:
         t_lp, s_lp = stacked(target, "loss"), np.stack([stacked(sh, "loss") for sh in shadows])
-        zt_lp = np.stack([membership_scores(z, pop_labels)["loss"] for z in population_target_logits], -1)
-        zs_lp = np.stack(
-            [
-                np.stack([membership_scores(z, pop_labels)["loss"] for z in per_view], -1)
-                for per_view in population_shadow_logits
-            ]
-        )
+        zt_lp = stacked(population_target_scores, "loss")
+        zs_lp = np.stack([stacked(sh, "loss") for sh in population_shadow_scores])
         tuned = rmia_offline_a is None
         a = tune_offline_a(s_lp, shadow_in, zs_lp, gamma=rmia_gamma, views=rmia_views)[0] if tuned else rmia_offline_a
 
