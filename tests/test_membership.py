@@ -1,6 +1,7 @@
 """Membership inference: real overfit models leak, unseen ones do not, scores are exact, errors are clear."""
 
 import decimal
+import io
 import itertools
 
 import numpy as np
@@ -357,6 +358,22 @@ def test_table_from_logits_equals_the_table_from_predict_functions():
     assert via_predict.keys() == via_logits.keys() and "rmia_online" in via_logits
     for name in via_logits:
         assert via_predict[name]["auc"] == via_logits[name]["auc"], name
+    # Kept as per-example scores (two views: the second one's numbers must come back in their place too).
+    two_views = dict(
+        shadow_logits=[[logits[j], -logits[j]] for j in range(1, k + 1)],
+        shadow_in=shadow_in,
+        population_labels=pop_labels,
+        population_target_logits=[pop[0], -pop[0]],
+        population_shadow_logits=[[pop[j], -pop[j]] for j in range(1, k + 1)],
+    )
+    target = [logits[0], -logits[0]]
+    buf = io.BytesIO(mia.scores_npz(target, labels, is_member, **two_views))
+    kept = mia.scores_table(**mia.load_scores_npz(buf), **kw).table
+    direct = mia.membership_table(target, labels, is_member, **two_views, **kw).table
+    assert kept.keys() == direct.keys()
+    for name in direct:
+        assert kept[name]["auc"] == direct[name]["auc"] and kept[name]["tpr@1%fpr"] == direct[name]["tpr@1%fpr"]
+    assert direct["lira_online"]["auc"] != via_logits["lira_online"]["auc"]  # the second view took part
 
 
 def test_one_value_per_example_has_no_within_example_spread():

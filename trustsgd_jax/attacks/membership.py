@@ -843,8 +843,13 @@ def load_scores_npz(path) -> dict:
     def model(name: str) -> list[dict]:
         return unstack_scores({k: arrays[f"{name}/{k}"] for k in SCORE_NAMES})
 
-    k = sum(1 for n in arrays if n.startswith("shadow") and n.endswith(f"/{SCORE_NAMES[0]}"))
+    def count(prefix: str) -> int:
+        return sum(1 for n in arrays if n.startswith(prefix) and n.endswith(f"/{SCORE_NAMES[0]}"))
+
+    k = count("shadow")
     population = f"population_target/{SCORE_NAMES[0]}" in arrays
+    if population and count("population_shadow") != k:
+        raise MembershipError(f"{path}: {k} references on the evaluation set but others on the population.")
     return dict(
         target_scores=model("target"),
         is_member=arrays["is_member"],

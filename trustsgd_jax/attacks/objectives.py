@@ -88,9 +88,12 @@ def takes_thin_targets(name: str) -> bool:
     """Whether objective `name` can hold dense deep-layer targets thin (`low_rank_target`).
 
     Only objectives on the factored route can: a thin target is contracted with
-    the dummy gradient's factors. ``+bn`` objectives and the sparse ones
-    (`SPARSE_OBJECTIVES`) take the plain autodiff gradient, so a thin target
-    there would only be expanded again.
+    the dummy gradient's factors. The sparse ones (`SPARSE_OBJECTIVES`) take
+    the plain autodiff gradient, so a thin target there would only be
+    expanded again. The ``+bn`` objectives are on the factored route, but
+    their forward pass is the wire's (`wire_bn_param_grads`), which
+    `dense_target_ranks` does not run; they keep dense targets, untested
+    otherwise (only their SGD messages would have any).
     """
     base, with_bn = split_objective(name)
     return not with_bn and base not in SPARSE_OBJECTIVES
