@@ -28,7 +28,9 @@ def test_auto_prefers_a_data_dir(tmp_path, monkeypatch):
         y_test=src.y_test[:10].astype(np.uint8),
     )
     ds = data.load("mnist", data_dir=tmp_path)
-    assert len(ds.x_train) == 100 and ds.source == str(tmp_path / "mnist.npz")
+    assert len(ds.x_train) == 100 and ds.source == str((tmp_path / "mnist.npz").resolve())
+    monkeypatch.chdir(tmp_path.parent)  # a relative --data_dir names the same file, so results resume across both
+    assert data.load("mnist", data_dir=tmp_path.name).source == ds.source
     monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path))
     assert len(data.load("mnist").x_train) == 100
     # The env var points at a directory without cifar10: npz-only must fail, auto falls back to the sample.

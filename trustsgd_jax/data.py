@@ -120,7 +120,8 @@ def _load_npz(name: str, path: pathlib.Path) -> Dataset:
         raise
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
         raise DataError(f"{path} is not a readable .npz file ({e}). " + _how_to_fix(name)) from e
-    return _validate(name, arrays, str(path))
+    # The resolved path: `--data_dir=../shared/data` and its absolute form name one file, and result files compare it.
+    return _validate(name, arrays, str(path.resolve()))
 
 
 def _load_tfds(name: str, tfds_data_dir: str | None) -> Dataset:
