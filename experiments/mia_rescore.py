@@ -14,21 +14,24 @@ reproduces the record).
 ``--decompose`` adds why RMIA and the loss attack differ. With one view,
 RMIA's score is a non-decreasing function of r(x) = Pr(x | theta) / Pr(x)
 (`membership.rmia_scores`), so its order of the examples is that of r(x);
-the population and gamma only coarsen it. The rows rank the examples by
+the population and gamma only coarsen it (ties). With several views
+(``views="mean"``) Pr(x | theta) is the mean of p_y over the views. The
+rows rank the examples by
 
-* ``log p_y, views mean``: the target's probability of the true label,
-  averaged over the views (the loss attack, which the table scores on the
-  first view only);
-* ``r(x), online``: divided by Pr(x) = (Pr_IN(x) + Pr_OUT(x)) / 2;
-* ``r(x), OUT only``: divided by Pr_OUT(x) (RMIA offline at a = 1);
+* ``log p_y``: the target's probability of the true label, on the first
+  view (the loss attack of the table) or averaged over the views;
+* ``r(x) online``: that divided by Pr(x) = (Pr_IN(x) + Pr_OUT(x)) / 2, on
+  the first view or over the views (RMIA's own order);
+* ``r(x) OUT only``: divided by Pr_OUT(x) (RMIA offline at a = 1).
 
-with probabilities averaged over the query views as RMIA's ``views="mean"``
-does. Where r(x) ranks below log p_y, the division by Pr(x) is what costs,
-not the population's resolution. ``pairs`` then counts the (member,
-non-member) pairs that log p_y orders right and r(x) online orders wrong,
-and how many of those have the member easier for the references (higher
-Pr_OUT) than the non-member: the difficulty calibration moves easy members
-below hard non-members.
+So the gaps between rows say which step costs: averaging over the views,
+the division by Pr(x), or the population's resolution (RMIA's row in the
+main table against ``r(x) online, views mean``). ``pairs`` counts the
+(member, non-member) pairs that log p_y orders right and r(x) online orders
+wrong (both over the views), and how many of those have the member easier
+for the references (higher Pr_OUT) than the non-member. The first-view-only
+rows of the main table score LiRA and RMIA on the first view alone, and
+the ``RMIA views`` rows with the other way of combining the views.
 """
 
 from __future__ import annotations
@@ -58,16 +61,37 @@ def _view_mean_log_p(logp: np.ndarray) -> np.ndarray:
     return special.logsumexp(logp, axis=-1) - np.log(logp.shape[-1])
 
 
+def _ratio_terms(loaded: dict, views: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(log Pr(x | theta), log r(x) online, log Pr_OUT(x)) per example, over the query views `views`."""
+    t = _view_mean_log_p(np.stack([v["loss"] for v in loaded["target_scores"][views]], -1))
+    s = np.stack([_view_mean_log_p(np.stack([v["loss"] for v in sh[views]], -1)) for sh in loaded["shadow_scores"]])
+    ins = np.asarray(loaded["shadow_in"], bool)
+    log_in, log_out = _log_mean_exp(s, ins), _log_mean_exp(s, ~ins)
+    return t, t - (np.logaddexp(log_in, log_out) - np.log(2.0)), log_out
+
+
+def first_view_only(loaded: dict) -> dict:
+    """`load_scores_npz`'s arguments with every model's scores on the first query view only."""
+    out = dict(loaded)
+    for k in ("target_scores", "population_target_scores"):
+        out[k] = loaded[k][:1] if loaded[k] is not None else None
+    for k in ("shadow_scores", "population_shadow_scores"):
+        out[k] = [v[:1] for v in loaded[k]] if loaded[k] is not None else None
+    return out
+
+
 def decomposition(loaded: dict) -> tuple[dict, dict, np.ndarray]:
     """({ranking: attack_metrics}, pair counts, log r(x) online per example): see the module docstring."""
     m = np.asarray(loaded["is_member"], bool)
-    t = _view_mean_log_p(np.stack([v["loss"] for v in loaded["target_scores"]], -1))
-    s = np.stack([_view_mean_log_p(np.stack([v["loss"] for v in sh], -1)) for sh in loaded["shadow_scores"]])
-    ins = np.asarray(loaded["shadow_in"], bool)
-
-    log_in, log_out = _log_mean_exp(s, ins), _log_mean_exp(s, ~ins)
-    online = t - (np.logaddexp(log_in, log_out) - np.log(2.0))
-    rankings = {"log p_y, views mean": t, "r(x), online": online, "r(x), OUT only": t - log_out}
+    t, online, log_out = _ratio_terms(loaded, slice(None))
+    t1, online1, _ = _ratio_terms(loaded, slice(0, 1))
+    rankings = {
+        "log p_y, first view (the loss attack)": t1,
+        "log p_y, views mean": t,
+        "r(x) online, first view": online1,
+        "r(x) online, views mean (RMIA's order)": online,
+        "r(x) OUT only, views mean": t - log_out,
+    }
     table = {name: membership.attack_metrics(v, m, bootstrap=200, seed=0) for name, v in rankings.items()}
     mem, non = np.flatnonzero(m), np.flatnonzero(~m)
     moved = member_easier = 0
@@ -100,8 +124,13 @@ def main(argv):
             if options != dict(base, rmia_offline_a=None):  # the record's own options again
                 a = FLAGS.rmia_offline_a if FLAGS.rmia_offline_a is not None else "tuned"
                 variants.append((f"gamma {g:g}, a {a}", options))
+        if len(loaded["target_scores"]) > 1:
+            other = "vote" if base["rmia_views"] == "mean" else "mean"
+            variants += [(f"RMIA views {other}", dict(base, rmia_views=other))]
+            variants += [("first view only", dict(base, first_view=True))]
         for label, options in variants:
-            table = membership.scores_table(**loaded, bootstrap=200, seed=r["seed"], **options).table
+            scores = first_view_only(loaded) if options.pop("first_view", False) else loaded
+            table = membership.scores_table(**scores, bootstrap=200, seed=r["seed"], **options).table
             if label == "record's" and FLAGS.check:
                 for name in r["attacks"]:
                     for metric in ("auc", "tpr@1%fpr", "tpr@0.1%fpr"):
@@ -117,8 +146,7 @@ def main(argv):
             decomposed.append((r, decomposition(loaded)))
     print("\nCells: AUC / TPR at 1% FPR [95% bootstrap interval].")
     for r, (table, pairs, _) in decomposed:
-        print(f"\n{r['dataset']} {r['compressor']}: ranking by | AUC | TPR@1%FPR")
-        print("|---|---|---|")
+        print(f"\n{r['dataset']} {r['compressor']}:\n\n| ranking by | AUC | TPR@1%FPR |\n|---|---|---|")
         for name, row in table.items():
             auc, tpr = row["auc_ci"], row["tpr@1%fpr_ci"]
             print(
@@ -127,7 +155,8 @@ def main(argv):
             )
         print(
             f"pairs: {pairs['moved']} of {pairs['total']} (member, non-member) pairs ordered right by log p_y and "
-            f"wrong by r(x) online; in {pairs['member_easier']} of them the member is the easier one (higher Pr_OUT)."
+            f"wrong by r(x) online (both views mean); in {pairs['member_easier']} of them the member is the easier "
+            "one (higher Pr_OUT)."
         )
 
 
