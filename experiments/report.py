@@ -946,12 +946,20 @@ def write_reports(workdir) -> list[pathlib.Path]:
     mrows = mia_rows(m)
     any_rec = (g or m or [{}])[0]
     sources = sorted({r.get("data_source", "?") for r in g + m})
-    setting = (
-        f"model {any_rec.get('model', '?')} at training step {any_rec.get('attack_step', 0)}, "
-        f"{any_rec.get('iterations', '?')} attack iterations, {any_rec.get('restarts', '?')} restart(s), "
-        f"N = {any_rec.get('workers', 1)} workers, B = {any_rec.get('victim_batch', 1)} image(s) per worker, "
-        f"BatchNorm {any_rec.get('batchnorm', 'sync')}, data {', '.join(sources) or '?'}"
-    )
+    if g or not m:
+        setting = (
+            f"model {any_rec.get('model', '?')} at training step {any_rec.get('attack_step', 0)}, "
+            f"{any_rec.get('iterations', '?')} attack iterations, {any_rec.get('restarts', '?')} restart(s), "
+            f"N = {any_rec.get('workers', 1)} workers, B = {any_rec.get('victim_batch', 1)} image(s) per worker, "
+            f"BatchNorm {any_rec.get('batchnorm', 'sync')}, data {', '.join(sources) or '?'}"
+        )
+    else:  # membership inference only: no attack on images, so none of the fields above exist
+        setting = (
+            f"membership inference only: model {any_rec.get('model', '?')}, {any_rec.get('mia_shadows', '?')} "
+            f"reference models, {any_rec.get('mia_steps', '?')} training steps at global batch "
+            f"{any_rec.get('batch_size', '?')}, pools of {any_rec.get('mia_pool', '?')} images, "
+            f"data {', '.join(sources)}"
+        )
     paper_match = any_rec.get("model") == "resnet18" and any_rec.get("iterations") == 24000
     written = []
 
