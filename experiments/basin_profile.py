@@ -35,7 +35,7 @@ flags.DEFINE_string("compressor", "none", "compressor spec of the round")
 flags.DEFINE_integer("images", 2, "victim batches (each its own round)")
 flags.DEFINE_integer("victim_batch", 1, "B: images in each worker's batch of the round")
 flags.DEFINE_integer("workers", 4, "workers in the round")
-flags.DEFINE_integer("train_steps", 0, "train the model this many steps first (batch 64, 8 workers)")
+flags.DEFINE_integer("train_steps", 0, "train the model this many steps first (batch 64, --workers workers)")
 flags.DEFINE_enum("batchnorm", "local", list(victim.BATCHNORM), "BatchNorm synchronisation of the round")
 flags.DEFINE_string(
     "objective",
@@ -67,6 +67,9 @@ def main(argv):
                     steps=FLAGS.train_steps,
                     global_batch=64,
                     progress=False,
+                    # --workers devices, as reproduce trains its victims: ResNet-18 on all 8 simulated devices
+                    # of 2 cores once overran XLA's 40 s collective rendezvous.
+                    devices=jax.local_devices()[: FLAGS.workers],
                 )
                 variables = {"params": fitted.state.params, "batch_stats": fitted.state.batch_stats}
             c = compress.from_spec(FLAGS.compressor, variables["params"])
