@@ -5,15 +5,25 @@ from __future__ import annotations
 import os
 import sys
 
+# Simulated devices share the host's cores, so one device of a heavy collective step can reach the all-reduce
+# long after the others: on 2 cores a ResNet-18 step on 8 devices, or any step while another process holds the
+# cores, overran XLA's default 40 s and aborted the process. A stuck collective still ends, after 10 minutes.
+CPU_COLLECTIVE_TIMEOUT = "--xla_cpu_collective_call_terminate_timeout_seconds=600"
+
 
 def simulate_cpu_devices(n: int = 8) -> None:
     """Asks XLA for `n` host (CPU) devices unless JAX is already loaded or the caller chose a count.
 
     Data-parallel steps need one device per worker; on a CPU-only machine
-    XLA simulates them. No effect on GPUs or TPUs.
+    XLA simulates them. Also raises the CPU collectives' timeout
+    (`CPU_COLLECTIVE_TIMEOUT`) unless the caller set it. No effect on GPUs
+    or TPUs.
     """
     if "jax" in sys.modules:
         return
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+        flags = f"{flags} --xla_force_host_platform_device_count={n}"
+    if "xla_cpu_collective_call_terminate_timeout_seconds" not in flags:
+        flags = f"{flags} {CPU_COLLECTIVE_TIMEOUT}"
+    os.environ["XLA_FLAGS"] = flags.strip()

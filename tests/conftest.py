@@ -6,7 +6,11 @@ import os
 import shutil
 import tempfile
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+from experiments.xla_env import CPU_COLLECTIVE_TIMEOUT  # imports no JAX
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count=8 {CPU_COLLECTIVE_TIMEOUT}"
+).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # JAX's persistent compilation cache, fresh for every run of the suite (so every program is compiled for real
 # once) and shared with the subprocesses the tests start: the end-to-end tests run the same small programs in
