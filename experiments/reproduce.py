@@ -679,10 +679,11 @@ BUDGET_SUBSETS = 4  # disjoint reference subsets scored per budget (fewer where 
 SMALL_BUDGET_OFFLINE_A = 0.5  # RMIA's a where k < 3 references cannot tune it (the middle of its grid)
 
 
-def mia_budget_rows(logits: dict, labels, is_member, budgets, seed: int) -> list[dict]:
+def mia_budget_rows(scores: dict, is_member, budgets, seed: int) -> list[dict]:
     """Budget curves: every attack of `BUDGET_ATTACKS` with only k of the K references, for each k in `budgets`.
 
-    For budget k the references are the disjoint blocks [jk, (j+1)k) of the
+    ``scores`` are the final models' `membership.logit_scores`. For budget k
+    the references are the disjoint blocks [jk, (j+1)k) of the
     K (j < `BUDGET_SUBSETS`, K // k blocks at most); with paired splits every
     block of even k holds an IN and an OUT model for each example. Each
     metric is the mean over the blocks, with their min and max, and the first
@@ -693,33 +694,32 @@ def mia_budget_rows(logits: dict, labels, is_member, budgets, seed: int) -> list
     references where k >= 3, and fixed at `SMALL_BUDGET_OFFLINE_A` below.
     LiRA's global variance pools the spread within examples where every
     example has 2 IN and 2 OUT references, else the spread of all values
-    (`membership.membership_table`'s ``"auto"``).
+    (`membership.scores_table`'s ``"auto"``).
     """
-    k_all = len(logits["shadows"])
+    k_all = len(scores["shadow_scores"])
     rows = []
 
+    def picked(per_view: list[dict], keep: np.ndarray) -> list[dict]:
+        return [{name: v[keep] for name, v in view.items()} for view in per_view]
+
     def table(block: list[int]) -> tuple[dict, str, int]:
-        refs_in = logits["shadow_in"][block]
+        refs_in = scores["shadow_in"][block]
         # One reference is OUT for only the examples it did not train on: k = 1 scores those (a random half).
-        rows_ = (~refs_in).any(0) if len(block) == 1 else np.ones(len(labels), bool)
-        refs_in = refs_in[:, rows_]
-        t = membership.membership_table(
-            [z[rows_] for z in logits["target"]],
-            labels[rows_],
-            is_member[rows_],
-            shadow_logits=[[z[rows_] for z in logits["shadows"][i]] for i in block],
-            shadow_in=refs_in,
-            population_labels=logits["population_labels"],
-            population_target_logits=logits["population_target"],
-            population_shadow_logits=[logits["population_shadows"][i] for i in block]
-            if logits["population_target"] is not None
-            else None,
+        keep = (~refs_in).any(0) if len(block) == 1 else np.ones(len(is_member), bool)
+        population = scores["population_target_scores"] is not None
+        t = membership.scores_table(
+            picked(scores["target_scores"], keep),
+            np.asarray(is_member)[keep],
+            shadow_scores=[picked(scores["shadow_scores"][i], keep) for i in block],
+            shadow_in=refs_in[:, keep],
+            population_target_scores=scores["population_target_scores"],
+            population_shadow_scores=[scores["population_shadow_scores"][i] for i in block] if population else None,
             rmia_offline_a=None if len(block) >= 3 else SMALL_BUDGET_OFFLINE_A,
             bootstrap=200,
             seed=seed,
         ).table
-        pooling = t.get("lira_offline", {}).get("variance_pooling", "-")  # membership_table's "auto" choice
-        return t, pooling, int(rows_.sum())
+        pooling = t.get("lira_offline", {}).get("variance_pooling", "-")  # scores_table's "auto" choice
+        return t, pooling, int(keep.sum())
 
     for k in budgets:
         blocks = [list(range(j * k, (j + 1) * k)) for j in range(min(k_all // k, BUDGET_SUBSETS))]
@@ -781,28 +781,19 @@ def run_mia_unit(u: dict, ds: data.Dataset, workdir: pathlib.Path, parallel_mode
     pop_views = membership.augmentations(x_all[pool:], augment) if population else []
     if population:
         membership.check_population_disjoint(x, x_all[pool:])
-    snapshots, rep, logits = [], None, None
+    snapshots, rep, scores = [], None, None
     for snap in setup.snapshots:
-        logits = dict(
-            target=[snap.target_predict(v) for v in views],
-            shadows=[[p(v) for v in views] for p in snap.shadow_predicts],
-            shadow_in=setup.shadow_in,
-            population_labels=y_all[pool:] if population else None,
-            population_target=[snap.target_predict(v) for v in pop_views] if population else None,
-            population_shadows=[[p(v) for v in pop_views] for p in snap.shadow_predicts] if population else None,
-        )
-        rep = membership.membership_table(
-            logits["target"],
+        scores = membership.logit_scores(
+            [snap.target_predict(v) for v in views],
             y,
             setup.is_member,
-            shadow_logits=logits["shadows"] or None,
+            shadow_logits=[[p(v) for v in views] for p in snap.shadow_predicts] or None,
             shadow_in=setup.shadow_in,
-            population_labels=logits["population_labels"],
-            population_target_logits=logits["population_target"],
-            population_shadow_logits=logits["population_shadows"],
-            bootstrap=200,
-            seed=u["seed"],
+            population_labels=y_all[pool:] if population else None,
+            population_target_logits=[snap.target_predict(v) for v in pop_views] if population else None,
+            population_shadow_logits=[[p(v) for v in pop_views] for p in snap.shadow_predicts] if population else None,
         )
+        rep = membership.scores_table(**scores, bootstrap=200, seed=u["seed"])
         snapshots.append(
             dict(
                 step=snap.step,
@@ -812,27 +803,15 @@ def run_mia_unit(u: dict, ds: data.Dataset, workdir: pathlib.Path, parallel_mode
                 attacks=rep.table,
             )
         )
-    budgets = mia_budget_rows(logits, y, setup.is_member, u["mia_budgets"], u["seed"]) if u["mia_budgets"] else []
+    budgets = mia_budget_rows(scores, setup.is_member, u["mia_budgets"], u["seed"]) if u["mia_budgets"] else []
     roc = pathlib.Path("roc") / f"{u['key']}.npz"
     buf = io.BytesIO()
     np.savez_compressed(
         buf, **{f"{k}_fpr": v[0] for k, v in rep.roc.items()}, **{f"{k}_tpr": v[1] for k, v in rep.roc.items()}
     )
     results.write_atomic(workdir / roc, buf.getvalue())
-    scores = pathlib.Path("roc") / f"{u['key']}_scores.npz"
-    results.write_atomic(
-        workdir / scores,
-        membership.scores_npz(
-            logits["target"],
-            y,
-            setup.is_member,
-            shadow_logits=logits["shadows"],
-            shadow_in=logits["shadow_in"],
-            population_labels=logits["population_labels"],
-            population_target_logits=logits["population_target"],
-            population_shadow_logits=logits["population_shadows"],
-        ),
-    )
+    scores_path = pathlib.Path("roc") / f"{u['key']}_scores.npz"
+    results.write_atomic(workdir / scores_path, membership.scores_npz(scores))
     final = snapshots[-1]
     return dict(
         u,
@@ -844,7 +823,7 @@ def run_mia_unit(u: dict, ds: data.Dataset, workdir: pathlib.Path, parallel_mode
         budgets=budgets,
         wire=setup.wire,
         roc=str(roc),
-        scores=str(scores),
+        scores=str(scores_path),
         split=str(split),
         seconds=dict(train=train_seconds, total=time.time() - t0),
     )

@@ -686,7 +686,7 @@ def evaluate_membership(
     if len(images) == 0:
         raise MembershipError("the evaluation set is empty.")
     options = _table_options(table_options)
-    # Before any model runs: membership_table checks the same again on the logits.
+    # Before any model runs: scores_table checks the same again on the scores.
     _check_table_inputs(
         is_member,
         options["lira_offline_tests"],
@@ -728,7 +728,7 @@ _TABLE_DATA = (
 SCORE_NAMES = (*THRESHOLD_ATTACKS, "phi")
 
 
-def membership_table(
+def logit_scores(
     target_logits,
     labels,
     is_member,
@@ -738,27 +738,15 @@ def membership_table(
     population_labels=None,
     population_target_logits=None,
     population_shadow_logits=None,
-    **table_options,
-) -> MembershipReport:
-    """`evaluate_membership`'s table from logits already computed: one list entry per query view.
+) -> dict:
+    """`scores_table`'s data arguments from logits: each logit row becomes its `membership_scores`.
 
     ``target_logits`` is [A] arrays [N, C] (the target on each view of the
     evaluation set), ``shadow_logits`` [K][A] the same per reference model,
-    ``population_*_logits`` the same on the population's views. Computing
-    the logits once lets a caller score many reference subsets (budget
-    curves) or snapshots without running a model again. Each logit row
-    becomes its `membership_scores`, and `scores_table` (which documents
-    ``table_options``) makes the table from those.
+    ``population_*_logits`` the same on the population's views. The result
+    is what `load_scores_npz` returns, so ``scores_table(**logit_scores(...),
+    **options)`` scores it and `scores_npz` keeps it.
     """
-    options = _table_options(table_options)
-    labels = np.asarray(labels)
-    _check_table_inputs(
-        is_member,
-        options["lira_offline_tests"],
-        options["lira_center"],
-        options["lira_variance_pooling"],
-        options["rmia_views"],
-    )
     if population_target_logits is not None and not shadow_logits:
         raise MembershipError("RMIA (population logits were given) needs reference models: pass shadow_logits.")
     if population_target_logits is not None and (population_shadow_logits is None or population_labels is None):
@@ -766,22 +754,37 @@ def membership_table(
             "RMIA needs the population's labels and every reference's logits on it: pass population_labels and "
             "population_shadow_logits with population_target_logits."
         )
+    labels = np.asarray(labels)
 
     def scored(per_view, y):
         return [membership_scores(z, y) for z in per_view]
 
     population = population_target_logits is not None
-    return scores_table(
-        scored(target_logits, labels),
-        is_member,
+    return dict(
+        target_scores=scored(target_logits, labels),
+        is_member=np.asarray(is_member, bool),
         shadow_scores=[scored(v, labels) for v in shadow_logits] if shadow_logits else None,
-        shadow_in=shadow_in,
+        shadow_in=np.asarray(shadow_in, bool) if shadow_logits else None,
         population_target_scores=scored(population_target_logits, population_labels) if population else None,
         population_shadow_scores=[scored(v, population_labels) for v in population_shadow_logits]
         if population
         else None,
-        **options,
     )
+
+
+def membership_table(target_logits, labels, is_member, **inputs_and_options) -> MembershipReport:
+    """`evaluate_membership`'s table from logits already computed: `logit_scores`, then `scores_table`.
+
+    Keyword arguments are `logit_scores`' (the references' and population's
+    logits) and `scores_table`'s options, which that function documents.
+    Computing the logits once lets a caller score many reference subsets or
+    snapshots without running a model again.
+    """
+    params = inspect.signature(logit_scores).parameters.values()
+    data_names = [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    inputs = {n: inputs_and_options.pop(n) for n in data_names if n in inputs_and_options}
+    options = _table_options(inputs_and_options)  # before scoring: an unknown option is a one-line error
+    return scores_table(**logit_scores(target_logits, labels, is_member, **inputs), **options)
 
 
 def stack_scores(per_view: list[dict]) -> dict[str, np.ndarray]:
@@ -795,48 +798,36 @@ def unstack_scores(arrays: dict) -> list[dict]:
     return [{k: np.asarray(arrays[k])[:, a] for k in SCORE_NAMES} for a in range(views)]
 
 
-def scores_npz(
-    target_logits,
-    labels,
-    is_member,
-    *,
-    shadow_logits=None,
-    shadow_in=None,
-    population_labels=None,
-    population_target_logits=None,
-    population_shadow_logits=None,
-) -> bytes:
-    """`membership_table`'s inputs as per-example scores in a compressed npz: rescoring needs no model.
+def scores_npz(scores: dict) -> bytes:
+    """`logit_scores`' result as a compressed npz: rescoring needs no model (`load_scores_npz` inverts it).
 
     Keys ``{model}/{score}`` [N, A] for ``target``, ``shadow{k}``,
     ``population_target`` and ``population_shadow{k}`` (`stack_scores`), plus
     ``is_member`` [N] and ``shadow_in`` [K, N]. Five numbers per logit row
     instead of the logits (CIFAR-100's 100 classes would make the file 20
-    times larger). `load_scores_npz` reads it back as `scores_table`'s
-    arguments.
+    times larger).
     """
-    out: dict[str, Any] = {"is_member": np.asarray(is_member, bool)}
+    out: dict[str, Any] = {"is_member": np.asarray(scores["is_member"], bool)}
 
-    def put(model: str, per_view, y):
-        scores = stack_scores([membership_scores(z, y) for z in per_view])
-        out.update({f"{model}/{k}": v for k, v in scores.items()})
+    def put(model: str, per_view):
+        out.update({f"{model}/{k}": v for k, v in stack_scores(per_view).items()})
 
-    put("target", target_logits, labels)
-    for k, views in enumerate(shadow_logits or []):
-        put(f"shadow{k}", views, labels)
-    if shadow_logits:
-        out["shadow_in"] = np.asarray(shadow_in, bool)
-    if population_target_logits is not None:
-        put("population_target", population_target_logits, population_labels)
-        for k, views in enumerate(population_shadow_logits):
-            put(f"population_shadow{k}", views, population_labels)
+    put("target", scores["target_scores"])
+    for k, views in enumerate(scores.get("shadow_scores") or []):
+        put(f"shadow{k}", views)
+    if scores.get("shadow_scores"):
+        out["shadow_in"] = np.asarray(scores["shadow_in"], bool)
+    if scores.get("population_target_scores") is not None:
+        put("population_target", scores["population_target_scores"])
+        for k, views in enumerate(scores["population_shadow_scores"]):
+            put(f"population_shadow{k}", views)
     buf = io.BytesIO()
     np.savez_compressed(buf, **out)
     return buf.getvalue()
 
 
 def load_scores_npz(path) -> dict:
-    """A `scores_npz` file as `scores_table`'s positional and data arguments: ``scores_table(**loaded, ...)``."""
+    """A `scores_npz` file (a path or a file object) as `logit_scores` returned it: ``scores_table(**loaded, ...)``."""
     with np.load(path) as f:
         arrays = {k: f[k] for k in f.files}
 
