@@ -149,6 +149,12 @@ def test_shard_map_step_equals_pmap_step(mnist):
             s_s, m_s = run_s(s_s, xs, ys)
         for a, b in zip(jax.tree.leaves(s_p.params), jax.tree.leaves(s_s.params)):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+        # unreplicate reads device 0's shard: a one-device result, so no program spans the 8 devices (the
+        # eager x[0] of a sharded array does, and such programs between steps deadlocked simulated devices).
+        for tree in (s_p.params, s_s.params):
+            for first, stacked in zip(jax.tree.leaves(train.unreplicate(tree)), jax.tree.leaves(tree), strict=True):
+                assert len(stacked.sharding.device_set) == 8 and len(first.sharding.device_set) == 1
+                np.testing.assert_array_equal(np.asarray(first), np.asarray(stacked)[0])
 
 
 def test_compressed_training_reaches_uncompressed_accuracy_on_real_mnist(mnist):

@@ -238,8 +238,28 @@ def replicate(tree, n: int):
     return jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *np.shape(x))), tree)
 
 
+def _first_row(x):
+    """x[0], read from the shard that holds row 0 when x spans several devices.
+
+    Indexing a multi-device array eagerly compiles a program over all of its
+    devices (a masked gather and an all-reduce). Dispatched between training
+    steps, leaf after leaf, such programs deadlocked simulated CPU devices:
+    seven of eight waited in an all-reduce that the eighth never reached
+    (MIA training, 8 devices, 2 cores). The shard's own data is a one-device
+    array, so this reads it without a collective.
+    """
+    if isinstance(x, jax.Array) and len(x.sharding.device_set) > 1:
+        for shard in x.addressable_shards:
+            rows = shard.index[0] if shard.index else slice(None)
+            start = rows.start or 0
+            if start == 0:
+                return shard.data[0]
+    return x[0]
+
+
 def unreplicate(tree):
-    return jax.tree.map(lambda x: x[0], tree)
+    """Device 0's copy of a tree stacked over devices (leading axis), without cross-device work."""
+    return jax.tree.map(_first_row, tree)
 
 
 def check_batch(global_batch: int, num_devices: int) -> int:
@@ -312,6 +332,9 @@ def _run_steps(
     )
     for i in range(steps):
         state, metrics = run(state, *batch_fn())
+        # One step in flight: with steps and batch transfers queued ahead (asynchronous dispatch), simulated CPU
+        # devices deadlocked in an all-reduce that some never reached (8 devices, 2 cores); waiting costs little.
+        jax.block_until_ready(metrics)
         if (i + 1) % log_every == 0 or i + 1 == steps:
             m = {k: np.asarray(v)[0] for k, v in metrics.items()}  # device 0 ([models] under fit_many)
             skipped = int(np.max(m["nonfinite_steps"]))
