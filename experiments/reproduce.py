@@ -117,6 +117,13 @@ flags.DEFINE_enum("mia_split", "paired", shadows.SPLITS, "reference models' IN/O
 flags.DEFINE_list(
     "mia_snapshots", None, "also score the models after these training steps (utility-matched comparison)"
 )
+flags.DEFINE_enum(
+    "mia_query_views",
+    "image",
+    ("image", "flip"),
+    "MIA queries: the image alone, the view the models trained on (they train without augmentation), or the image "
+    "and its horizontal flip (CIFAR; MNIST digits are queried alone), which the tables before this option used",
+)
 flags.DEFINE_list("mia_budgets", None, "reference-model budgets k for the budget curves (first k references)")
 flags.DEFINE_integer("parallel_models", 1, "target/shadow models trained at once (train.fit_many); >1 on real devices")
 flags.DEFINE_integer("batch_size", 64, "global training batch (victims at --attack_step > 0, MIA models)")
@@ -173,10 +180,11 @@ SETTING_FIELDS = {
         "mia_split",
         "mia_snapshots",
         "mia_budgets",
+        "mia_query_views",
     ),
 }
 # What a MIA record from before a field existed was computed with.
-MIA_FIELD_DEFAULTS = {"mia_split": "balanced", "mia_snapshots": [], "mia_budgets": []}
+MIA_FIELD_DEFAULTS = {"mia_split": "balanced", "mia_snapshots": [], "mia_budgets": [], "mia_query_views": "flip"}
 PER_CELL_FIELDS = {"gradinv": ("data_source", "start_iter"), "mia": ("data_source",)}
 
 
@@ -201,6 +209,8 @@ def apply_preset():
 def unit_key(record: dict) -> str:
     """A hash of everything a unit reads: its whole record (less the key itself)."""
     fields = {k: v for k, v in record.items() if k != "key"}
+    if fields.get("mia_query_views") == "flip":  # the views before the option existed: those units keep their keys
+        del fields["mia_query_views"]
     return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -374,6 +384,7 @@ def plan_units(datasets, done_records) -> list[dict]:
                         mia_split=FLAGS.mia_split,
                         mia_snapshots=sorted(set(FLAGS.mia_snapshots)),
                         mia_budgets=sorted(set(FLAGS.mia_budgets)),
+                        mia_query_views=FLAGS.mia_query_views,
                         data_source=datasets[name].source,
                     )
                 )
@@ -747,6 +758,18 @@ def mia_budget_rows(scores: dict, is_member, budgets, seed: int) -> list[dict]:
     return rows
 
 
+def query_augmentation(query_views: str, dataset: str) -> str:
+    """`membership.augmentations`' kind for ``--mia_query_views`` on a dataset.
+
+    The models train on the image alone, so ``"image"`` is the query that
+    matches training. RMIA averages p_y over the views, and a flipped image
+    (never trained on) dilutes it; ``"flip"`` is what the tables before the
+    option used (MNIST digits are not flip-symmetric, so they were always
+    queried alone).
+    """
+    return "flip" if query_views == "flip" and dataset != "mnist" else "none"
+
+
 def run_mia_unit(u: dict, ds: data.Dataset, workdir: pathlib.Path, parallel_models: int = 1) -> dict:
     """One MIA unit: a pure function of its record `u`; `parallel_models` changes speed, not results.
 
@@ -776,7 +799,7 @@ def run_mia_unit(u: dict, ds: data.Dataset, workdir: pathlib.Path, parallel_mode
         snapshot_steps=u["mia_snapshots"],
     )
     train_seconds = time.time() - t0
-    augment = "flip" if ds.name != "mnist" else "none"
+    augment = query_augmentation(u["mia_query_views"], ds.name)
     views = membership.augmentations(x, augment)
     pop_views = membership.augmentations(x_all[pool:], augment) if population else []
     if population:

@@ -7,7 +7,9 @@ import sys
 
 # Simulated devices share the host's cores, so one device of a heavy collective step can reach the all-reduce
 # long after the others: on 2 cores a ResNet-18 step on 8 devices, or any step while another process holds the
-# cores, overran XLA's default 40 s and aborted the process. A stuck collective still ends, after 10 minutes.
+# cores, can overrun XLA's default 40 s. A stuck collective still ends, after 10 minutes. Some of the aborts
+# seen at 40 s were deadlocks, not slowness (6-7 of 8 devices waiting, the host idle): work queued ahead of the
+# step. `train._run_steps` keeps one step in flight and `train.unreplicate` reads one shard, which ended them.
 CPU_COLLECTIVE_TIMEOUT = "--xla_cpu_collective_call_terminate_timeout_seconds=600"
 
 

@@ -164,6 +164,20 @@ def test_kept_scores_rescore_to_the_stored_table(full_run):
         assert np.all(np.diff(rmia[order]) >= 0) and len(np.unique(rmia)) > 1
 
 
+def test_query_views_option_keeps_the_keys_of_units_from_before_it():
+    unit = dict(kind="mia", dataset="cifar10", compressor="none", mia_split="paired", mia_budgets=[])
+    assert reproduce_lib.unit_key({**unit, "mia_query_views": "flip"}) == reproduce_lib.unit_key(unit)
+    assert reproduce_lib.unit_key({**unit, "mia_query_views": "image"}) != reproduce_lib.unit_key(unit)
+    assert reproduce_lib.MIA_FIELD_DEFAULTS["mia_query_views"] == "flip"  # what those units were queried with
+    got = {(v, d): reproduce_lib.query_augmentation(v, d) for v in ("image", "flip") for d in ("cifar10", "mnist")}
+    assert got == {
+        ("image", "cifar10"): "none",
+        ("image", "mnist"): "none",
+        ("flip", "cifar10"): "flip",
+        ("flip", "mnist"): "none",
+    }
+
+
 def test_utility_matched_takes_each_compressor_s_first_snapshot_at_the_common_level():
     def row(c, accs):
         snaps = [dict(step=10 * (i + 1), test_accuracy=a, attacks={}) for i, a in enumerate(accs)]
