@@ -30,6 +30,11 @@ from trustsgd_jax import compress, models, results, train  # noqa: E402
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "resnet18", "convnet | resnet18")
 flags.DEFINE_string("compressors", "none,topk_level:1,topk_level:4,powersgd:1,powersgd:4", "comma-separated specs")
+flags.DEFINE_list(
+    "topk_selections",
+    ["exact", "approx_max_k"],
+    "Top-K selections timed for every topk_level spec (compress.TOPK_SELECTIONS; exact is the spec itself)",
+)
 flags.DEFINE_integer("batch_size", 64, "global batch over all devices")
 flags.DEFINE_integer("steps", 5, "timed steps per compressor (after one warm-up step)")
 flags.DEFINE_string("out", None, "also write the table to this Markdown file")
@@ -62,8 +67,14 @@ def main(argv):
     params = models.init_variables(model, jax.random.key(0), image_shape)["params"]
     shapes = [np.shape(x) for x in jax.tree.leaves(params)]
     rows = []
+    cases = []
     for spec in FLAGS.compressors.split(","):
-        c = compress.from_spec(spec, params)
+        cases.append((spec, spec, compress.from_spec(spec, params)))
+        kind, _, arg = spec.partition(":")
+        for sel in FLAGS.topk_selections:
+            if kind == "topk_level" and sel != "exact":
+                cases.append((f"{spec}+{sel}", spec, compress.topk_level(params, int(arg), selection=sel)))
+    for label, spec, c in cases:
         state = train.replicate(train.init_state(model, optimizer, c, image_shape, 0), n)
         wire = train.step_wire_cost(model, c, train.unreplicate(state))
         step = train.pmap_step(train.make_step(model, optimizer, c))
@@ -88,7 +99,7 @@ def main(argv):
             rtimes.append(time.perf_counter() - t0)
         rows.append(
             dict(
-                spec=spec,
+                spec=label,
                 step=float(np.median(times)),
                 reduce=float(np.median(rtimes)),
                 compile=compile_s,
@@ -97,7 +108,7 @@ def main(argv):
                 analytic=analytic_words(spec, shapes),
             )
         )
-        print(f"{spec}: step {rows[-1]['step']:.3f}s reduce {rows[-1]['reduce']:.3f}s", flush=True)
+        print(f"{label}: step {rows[-1]['step']:.3f}s reduce {rows[-1]['reduce']:.3f}s", flush=True)
     base = next((r for r in rows if r["spec"] == "none"), rows[0])
 
     lines = [

@@ -127,6 +127,21 @@ def test_topk_keeps_the_k_largest_of_gradient_plus_memory():
         np.testing.assert_array_equal(sent + np.asarray(state2.memory["t0"][w]).reshape(-1), p)
 
 
+def test_topk_approx_max_k_selection_is_named_and_differs_only_among_ties():
+    g = worker_grads([(40, 25), (7,)])
+    exact, _, m_exact = run_pmapped(compress.topk(k=30), g)
+    approx, _, m_approx = run_pmapped(compress.topk(k=30, selection="approx_max_k"), g)
+    for key in g:  # continuous values: the same entries sent, so the same average
+        np.testing.assert_array_equal(np.sort(m_exact[key].indices, -1), np.sort(m_approx[key].indices, -1))
+        np.testing.assert_array_equal(exact[key], approx[key])
+    # Equal magnitudes everywhere: exact takes the lowest indices; the option may not, hence its name.
+    tied = jnp.ones((64,), jnp.float32)
+    assert np.array_equal(np.sort(np.asarray(jax.lax.top_k(jnp.abs(tied), 8)[1])), np.arange(8))
+    assert compress.topk(k=3, selection="approx_max_k").name == "topk+approx_max_k"
+    with pytest.raises(ValueError, match="selection must be one of exact, approx_max_k"):
+        compress.topk(k=3, selection="fast")
+
+
 @settings(max_examples=12, deadline=None)  # each example compiles new shapes: 12 keep the suite short
 @given(
     shape=st.lists(st.integers(1, 12), min_size=1, max_size=3).map(tuple),
