@@ -127,7 +127,7 @@ def test_topk_keeps_the_k_largest_of_gradient_plus_memory():
         np.testing.assert_array_equal(sent + np.asarray(state2.memory["t0"][w]).reshape(-1), p)
 
 
-def test_topk_approx_max_k_selection_is_named_and_differs_only_among_ties():
+def test_topk_approx_max_k_selection_is_named_and_sends_the_exact_entries_on_continuous_values():
     g = worker_grads([(40, 25), (7,)])
     exact, _, m_exact = run_pmapped(compress.topk(k=30), g)
     approx, _, m_approx = run_pmapped(compress.topk(k=30, selection="approx_max_k"), g)

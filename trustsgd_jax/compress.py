@@ -497,6 +497,11 @@ def _sparse_core(name, ratio, k, select, indices_on_wire: bool):
 TOPK_SELECTIONS = ("exact", "approx_max_k")
 
 
+def _selection_suffix(selection: str) -> str:
+    """What a Top-K compressor's name adds for a non-default selection."""
+    return "" if selection == "exact" else f"+{selection}"
+
+
 def topk(
     ratio: float | None = None,
     k: int | list[int] | None = None,
@@ -516,8 +521,9 @@ def topk(
     ``lax.approx_max_k`` at ``recall_target=1.0``, a named option because it
     can send other entries: on XLA:CPU it chose the same set as ``"exact"``
     on continuous values and other entries among equal magnitudes (tested),
-    and on TPU it is an approximate search by design. On this CPU it made
-    the ResNet-18 step faster (README, ``bench_compress``).
+    and on TPU it is an approximate search by design. Whether it makes the
+    ResNet-18 step faster on this CPU is not settled (README,
+    ``bench_compress``).
     """
     _check_ratio_arg("topk", ratio, k)
     if selection not in TOPK_SELECTIONS:
@@ -529,7 +535,7 @@ def topk(
         return jax.lax.top_k(jnp.abs(flat), kk)[1]
 
     name = f"topk:{ratio}" if ratio is not None else "topk"
-    name += "" if selection == "exact" else f"+{selection}"
+    name += _selection_suffix(selection)
     return Compressor(
         name,
         lambda p: _new_state(p, memory=error_feedback),
@@ -910,7 +916,7 @@ def topk_level(
         raise ValueError(f"topk_level: rank must be an integer >= 1, got {rank!r}.")
     shapes = [np.shape(x) for x in jax.tree.leaves(params)]
     c = topk(k=topk_level_k(shapes, rank, min_compression_rate), error_feedback=error_feedback, selection=selection)
-    return c._replace(name=f"topk_level:{rank}" + ("" if selection == "exact" else f"+{selection}"))
+    return c._replace(name=f"topk_level:{rank}{_selection_suffix(selection)}")
 
 
 SPEC_HELP = (

@@ -333,7 +333,8 @@ def _run_steps(
     for i in range(steps):
         state, metrics = run(state, *batch_fn())
         # One step in flight: with steps and batch transfers queued ahead (asynchronous dispatch), simulated CPU
-        # devices deadlocked in an all-reduce that some never reached (8 devices, 2 cores); waiting costs little.
+        # devices deadlocked in an all-reduce that some never reached (8 devices, 2 cores). The wait's cost is
+        # not measured.
         jax.block_until_ready(metrics)
         if (i + 1) % log_every == 0 or i + 1 == steps:
             m = {k: np.asarray(v)[0] for k, v in metrics.items()}  # device 0 ([models] under fit_many)
