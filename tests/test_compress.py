@@ -489,3 +489,19 @@ def test_bad_start_iter_raises_one_line_errors():
         compress.from_spec("topk:0.1", start_iter=5)
     with pytest.raises(ValueError, match="steps must be an integer >= 0"):
         compress.training_words(compress.none(), {"w": jnp.zeros(3)}, -1)
+
+
+def test_orthonormal_columns_span_the_columns_like_qr_batched():
+    a = np.asarray(jax.random.normal(jax.random.key(3), (3, 40, 6)), np.float64)
+    a[1, :, 5] = a[1, :, 0] + 2 * a[1, :, 1]  # a dependent column
+    a[2, :, 3] = 0.0  # a zero column
+    q = np.asarray(compress.orthonormal_columns(jnp.asarray(a, jnp.float32)), np.float64)
+    assert np.isfinite(q).all()
+    for i in range(3):
+        np.testing.assert_allclose(q[i] @ (q[i].T @ a[i]), a[i], atol=1e-4)  # spans every column
+    np.testing.assert_allclose(q[0].T @ q[0], np.eye(6), atol=1e-5)  # full rank: orthonormal
+    # Gram-Schmidt's nested spans: column j is QR's column j up to sign.
+    np.testing.assert_allclose(np.abs(np.sum(q[0] * np.linalg.qr(a[0])[0], 0)), 1.0, atol=1e-4)
+    np.testing.assert_array_equal(q[2][:, 3], 0.0)  # nothing left of a zero column
+    np.testing.assert_array_equal(q[1][:, 5], 0.0)  # nor of a dependent one: rounding residue is not a direction
+    np.testing.assert_allclose(q[2][:, [0, 1, 2, 4, 5]].T @ q[2][:, [0, 1, 2, 4, 5]], np.eye(5), atol=1e-5)

@@ -675,15 +675,61 @@ def powersgd_plan(shapes, rank: int, min_compression_rate: float = 2) -> list[in
     return plan
 
 
+# A column whose remainder after Gram-Schmidt is below this fraction of its norm lies in the previous columns'
+# span up to float32 rounding (residue ~1e-7 of the column), and becomes a zero column.
+DEPENDENT_RESIDUE = 1e-5
+
+
+def orthonormal_columns(a: jax.Array) -> jax.Array:
+    """Orthonormal columns spanning those of a [..., n, r] (r <= n), by Gram-Schmidt with reorthogonalisation.
+
+    Column j is a_j minus its projection on columns 0..j-1, projected out
+    twice ("twice is enough": Giraud et al. 2005, classical Gram-Schmidt
+    then orthogonal to working precision), then normalised; a column with
+    nothing left (a_j in the span of the previous ones up to rounding,
+    `DEPENDENT_RESIDUE`) is zero, so Q Q^T stays the projector on the span.
+    The span, and Q Q^T, are those of the QR factor Q; column signs may
+    differ from LAPACK's (here R has a positive diagonal), which changes no
+    product P_hat Q^T. Batched over leading axes.
+
+    Not `jnp.linalg.qr`: on CPU, jaxlib 0.10.2's LAPACK kernels split a batch
+    over XLA's intra-op thread pool and block waiting for the parts, so when
+    as many independent batched calls as the pool has threads run at once,
+    every thread waits and the program deadlocks (seen here: a batched
+    attack at width 8 on 2 cores stopped at 0% CPU, both pool threads in
+    ``QrFactorization`` under ``ParallelBatchMap``). This is plain XLA:
+    matrix-vector products, r steps of ``lax.scan``.
+    """
+    *batch, n, r = a.shape
+    hi = jax.lax.Precision.HIGHEST  # no TF32 on GPUs: orthogonality to fp32 precision
+
+    def one(m):
+        def column(q, j):
+            v = jax.lax.dynamic_index_in_dim(m, j, axis=1, keepdims=False)
+            before = jnp.sqrt(jnp.sum(jnp.square(v)))
+            for _ in range(2):
+                v = v - jnp.matmul(q, jnp.matmul(q.T, v, precision=hi), precision=hi)
+            norm = jnp.sqrt(jnp.sum(jnp.square(v)))
+            # What is left of a column in the span of the previous ones is float residue: normalised, it would be
+            # a column not orthogonal to them (Q Q^T no projector). Below DEPENDENT_RESIDUE of the column, drop it.
+            kept = norm > DEPENDENT_RESIDUE * before
+            v = jnp.where(kept, v / jnp.where(kept, norm, 1.0), 0.0)
+            return jax.lax.dynamic_update_index_in_dim(q, v, j, axis=1), None
+
+        return jax.lax.scan(column, jnp.zeros_like(m), jnp.arange(r))[0]
+
+    return jax.vmap(one)(a.reshape(-1, n, r)).reshape(*batch, n, r)
+
+
 def _orthonormalise_many(mats: dict) -> dict:
-    """Q factors of the QR of every matrix, one batched QR per shape (ResNet-18 has 11 compressed shapes for 21
-    matrices: fewer, larger LAPACK calls)."""
+    """`orthonormal_columns` of every matrix, batched per shape (ResNet-18 has 11 compressed shapes for 21
+    matrices)."""
     by_shape: dict[tuple, list] = {}
     for i, m in mats.items():
         by_shape.setdefault(tuple(m.shape), []).append(i)
     out = {}
     for ids in by_shape.values():
-        q = jnp.linalg.qr(jnp.stack([mats[i] for i in ids]))[0]
+        q = orthonormal_columns(jnp.stack([mats[i] for i in ids]))
         out.update({i: q[j] for j, i in enumerate(ids)})
     return out
 
@@ -702,7 +748,7 @@ def powersgd(
     error feedback M_w <- M_w + e_w, and Q (m x r) shared by all workers::
 
         P_w = M_w Q;            P = sum_w P_w           (all-reduce)
-        P_hat = orthonormalise(P)                       (QR)
+        P_hat = orthonormalise(P)                       (Gram-Schmidt)
         Q_w = M_w^T P_hat;      Q = (1/W) sum_w Q_w     (all-reduce)
         update = P_hat Q^T;     e_w = M_w - P_hat Q^T;  Q kept for the warm start
 
@@ -711,7 +757,8 @@ def powersgd(
     average (zero on average over workers). The first Q (and every Q when
     ``warm_start=False``) is drawn from ``seed`` (and the step), identical on
     all workers. Message per compressed tensor: P_w and Q_w, (n + m) r words.
-    PyTorch orthonormalises with Gram-Schmidt or QR (the same span); this uses QR.
+    PyTorch orthonormalises with QR (Gram-Schmidt when its epsilon is set):
+    the same span; this uses Gram-Schmidt, `orthonormal_columns`.
 
     ``start_iter=K`` is PyTorch's ``start_powerSGD_iter``: for the first K
     steps every worker sends its full gradient and all workers apply the exact
@@ -743,7 +790,7 @@ def powersgd(
     def initial_q(shape, r, i, step):
         key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), i), step)
         q = jax.random.normal(key, (matrix_shape(shape)[1], r), jnp.float32)
-        return jnp.linalg.qr(q)[0]
+        return orthonormal_columns(q)
 
     def init(params):
         shapes = [np.shape(x) for x in jax.tree.leaves(params)]
@@ -849,7 +896,8 @@ PYTORCH_POWERSGD_DEFAULTS = types.MappingProxyType(
 ``matrix_approximation_rank=1, start_powerSGD_iter=1_000, min_compression_rate=2,
 use_error_feedback=True, warm_start=True`` (torch.distributed.algorithms.
 ddp_comm_hooks.powerSGD_hook). Its other fields have no counterpart here:
-``orthogonalization_epsilon=0`` (exact orthonormalisation; this uses QR),
+``orthogonalization_epsilon=0`` (exact orthonormalisation; this uses
+reorthogonalised Gram-Schmidt, `orthonormal_columns`),
 ``random_seed=0`` (the first Q comes from `powersgd`'s ``seed`` through JAX's
 PRNG, so the draws differ from torch's), batching of same-shape tensors and
 compression-statistics logging.

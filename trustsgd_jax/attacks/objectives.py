@@ -563,12 +563,14 @@ def low_rank_target(t, rank: int) -> LowRankTarget:
     Tropp 2011), V = T^T U. U U^T T is T when T's rank is at most `rank`, and
     otherwise drops only the part of T outside span(U): with the oversampled
     rank of `dense_target_ranks`, a tail below `RANK_TOLERANCE`. It costs two
-    thin products and a thin QR, at full fp32 precision (no TF32 on GPUs):
-    an SVD in XLA:CPU took longer than the iterations it saved.
+    thin products and a thin orthonormalisation (`compress.orthonormal_columns`;
+    LAPACK's batched QR can deadlock batched attacks on CPU), at full fp32
+    precision (no TF32 on GPUs): an SVD in XLA:CPU took longer than the
+    iterations it saved.
     """
     m = t.reshape(-1, t.shape[-1])
     omega = jax.random.normal(jax.random.key(0), (m.shape[1], rank), m.dtype)
-    u, _ = jnp.linalg.qr(jnp.matmul(m, omega, precision=jax.lax.Precision.HIGHEST))
+    u = compress_lib.orthonormal_columns(jnp.matmul(m, omega, precision=jax.lax.Precision.HIGHEST))
     return LowRankTarget(u, jnp.matmul(m.T, u, precision=jax.lax.Precision.HIGHEST))
 
 
