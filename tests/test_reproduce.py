@@ -130,6 +130,7 @@ def test_tiny_run_writes_every_report_and_tables_parse_back(full_run):
     assert "## Claims" in (workdir / "report.md").read_text()
     assert "SSIM" in stdout and "4 units to run" in stdout
     assert all(r["workers"] == 2 and r["bn_statistics"] == "eval" and r["observer"] == "worker" for r in gradinv)
+    assert all(r["seconds"] > 0 for r in gradinv)  # each unit's wall time, for sizing runs
 
 
 def test_kept_scores_rescore_to_the_stored_table(full_run):
@@ -162,6 +163,26 @@ def test_kept_scores_rescore_to_the_stored_table(full_run):
         )
         order = np.argsort(ratio)
         assert np.all(np.diff(rmia[order]) >= 0) and len(np.unique(rmia)) > 1
+
+
+def test_compilation_cache_goes_where_asked_and_the_environment_wins(monkeypatch, tmp_path):
+    import jax  # noqa: PLC0415
+
+    before = (jax.config.jax_compilation_cache_dir, jax.config.jax_compilation_cache_max_size)
+    try:
+        monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "env"))
+        assert reproduce_lib.use_compilation_cache(str(tmp_path / "flag")) == str(tmp_path / "env")
+        assert jax.config.jax_compilation_cache_dir == before[0]  # left to JAX, which read the variable
+        monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+        assert reproduce_lib.use_compilation_cache("") is None
+        assert jax.config.jax_compilation_cache_dir == before[0]
+        monkeypatch.setenv("HOME", str(tmp_path))
+        assert reproduce_lib.use_compilation_cache("~/cache") == str(tmp_path / "cache")
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "cache")
+        assert jax.config.jax_compilation_cache_max_size == reproduce_lib.COMPILATION_CACHE_MAX_BYTES
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before[0])
+        jax.config.update("jax_compilation_cache_max_size", before[1])
 
 
 def test_query_views_option_keeps_the_keys_of_units_from_before_it():

@@ -125,7 +125,8 @@ class CompiledAttack(NamedTuple):
     ``init(x) -> opt_state``; ``run_chunk(x, opt_state, msg, y, length) ->
     (x, opt_state, last loss)`` runs `length` iterations (static);
     ``final_loss(x, msg, y)`` is the matching loss without TV, the restart
-    selection criterion.
+    selection criterion. Each passes the model's variables to its compiled
+    program as an argument (`compile_attack`).
     """
 
     init: Callable
@@ -156,74 +157,94 @@ def compile_attack(
     lo, hi = (jnp.asarray(v, jnp.float32) for v in data_lib.pixel_bounds(dataset))
     rank = objectives.forward_order(model, variables, image_shape) if config.layer_weights == "linear" else None
     weights = objectives.tensor_weights(len(jax.tree.leaves(variables["params"])), config.layer_weights, rank)
-    matching = objectives.matching_loss(model, variables, objective, weights, train, target_ranks)
     opt = _optimizer(config)
 
-    def total_loss(x, msg, target, y):
-        return matching.loss(x, msg, target, y) + config.tv * objectives.total_variation(x)
+    # The variables are an argument of every compiled program, never a constant folded into it: the programs of
+    # one shape are then the same whatever the victim's weights (a trained victim at another step, another seed),
+    # so JAX's persistent compilation cache serves them, and its entries do not carry the model (ResNet-18: about
+    # 80 MB per program as constants).
+    def matching_at(v):
+        return objectives.matching_loss(model, v, objective, weights, train, target_ranks)
 
-    def step(carry, _):
-        x, opt_state, msg, target, y = carry
-        loss, g = jax.value_and_grad(total_loss)(x, msg, target, y)
-        updates, opt_state = opt.update(g, opt_state, x)
-        x = optax.apply_updates(x, updates)
-        if config.boxed:
-            x = jnp.clip(x, lo, hi)
-        return (x, opt_state, msg, target, y), loss
+    def run_chunk(v, x, opt_state, msg, y, length):
+        matching = matching_at(v)
 
-    def run_chunk(x, opt_state, msg, y, length):
+        def total_loss(x, target):
+            return matching.loss(x, msg, target, y) + config.tv * objectives.total_variation(x)
+
+        def step(carry, _):
+            x, opt_state, target = carry
+            loss, g = jax.value_and_grad(total_loss)(x, target)
+            updates, opt_state = opt.update(g, opt_state, x)
+            x = optax.apply_updates(x, updates)
+            if config.boxed:
+                x = jnp.clip(x, lo, hi)
+            return (x, opt_state, target), loss
+
         # The message's view is loop-invariant: prepared once per chunk, outside the scan.
-        carry = (x, opt_state, msg, matching.prepare(msg), y)
-        (x, opt_state, _, _, _), losses = jax.lax.scan(step, carry, None, length=length)
+        (x, opt_state, _), losses = jax.lax.scan(step, (x, opt_state, matching.prepare(msg)), None, length=length)
         return x, opt_state, losses[-1]
+
+    def init(v, x):
+        del v
+        return opt.init(x)
+
+    def final_loss(v, x, msg, y):
+        return matching_at(v)(x, msg, y)
 
     devices = attack_devices(config)[: max(1, width)]
     if width % len(devices):
         raise AttackError(f"width={width} attacks do not split over {len(devices)} devices; use a multiple.")
 
     def local(f):
-        """f over this device's attacks (a leading axis on every argument): vmapped, or unbatched for one attack.
+        """f(v, *args) over this device's attacks (a leading axis on every argument after the variables v).
 
         One attack runs without vmap: a width-1 vmap still rewrites every matmul as a batched one, slower on XLA:CPU.
         """
         if width // len(devices) > 1:
-            return jax.vmap(f)
+            return lambda v, *args: jax.vmap(functools.partial(f, v))(*args)
 
-        def one(*args):
-            return jax.tree.map(lambda t: t[None], f(*jax.tree.map(lambda t: t[0], args)))
+        def one(v, *args):
+            return jax.tree.map(lambda t: t[None], f(v, *jax.tree.map(lambda t: t[0], args)))
 
         return one
 
     if len(devices) == 1:
         # Arguments go to the one device first: a message that comes straight from a pmapped round is replicated
         # over the round's N devices, and jit would then run the whole attack on all N of them (README, Performance).
+        on_one = jax.device_put(variables, devices[0])
+
         def on_device(f, **static):
             jitted = jax.jit(f, static_argnames=tuple(static))
-            return lambda *args, **kw: jitted(*jax.device_put(args, devices[0]), **kw)
+            return lambda *args, **kw: jitted(on_one, *jax.device_put(args, devices[0]), **kw)
 
-        def run_local(x, st, msg, y, length):
-            return local(functools.partial(run_chunk, length=length))(x, st, msg, y)
+        def run_local(v, x, st, msg, y, length):
+            return local(functools.partial(run_chunk, length=length))(v, x, st, msg, y)
 
         run = on_device(run_local, length=None)
         return CompiledAttack(
-            on_device(local(opt.init)),
+            on_device(local(init)),
             lambda x, st, msg, y, length: run(x, st, msg, y, length=length),
-            on_device(local(matching)),
+            on_device(local(final_loss)),
         )
     # Independent attacks need no collective: each device runs its share of the attack axis.
     mesh = jax.sharding.Mesh(np.array(devices), ("attacks",))
     spec = jax.sharding.PartitionSpec("attacks")
     sharding = jax.sharding.NamedSharding(mesh, spec)
+    on_all = jax.device_put(variables, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
-    def spread(f):
+    def spread(f, arity: int):
         # check_vma=False: with it, differentiating w.r.t. the (replicated) parameters inside an attack would psum
         # the parameter gradient over the attack axis (the transpose of an implicit broadcast), mixing attacks.
-        jitted = jax.jit(jax.shard_map(local(f), mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False))
-        return lambda *args: jitted(*jax.device_put(args, sharding))
+        in_specs = (jax.sharding.PartitionSpec(), *([spec] * arity))
+        mapped = jax.shard_map(local(f), mesh=mesh, in_specs=in_specs, out_specs=spec, check_vma=False)
+        jitted = jax.jit(mapped)
+        return lambda *args: jitted(on_all, *jax.device_put(args, sharding))
 
-    init, final = spread(opt.init), spread(matching)
-    chunks = functools.cache(lambda length: spread(functools.partial(run_chunk, length=length)))
-    return CompiledAttack(init, lambda x, st, msg, y, length: chunks(length)(x, st, msg, y), final)
+    chunks = functools.cache(lambda length: spread(functools.partial(run_chunk, length=length), 4))
+    return CompiledAttack(
+        spread(init, 1), lambda x, st, msg, y, length: chunks(length)(x, st, msg, y), spread(final_loss, 3)
+    )
 
 
 def check_message(msg, params) -> None:
