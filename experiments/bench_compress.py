@@ -8,6 +8,14 @@ collectives, optimizer), the compressor's reduce alone on the same gradients,
 32-bit words one worker puts on the wire per step (gradient message +
 synchronised BatchNorm statistics), the analytic word count, and the ratios
 to the uncompressed step. Prints a Markdown table and writes it to --out.
+
+The steps are timed interleaved: every compressor's step is compiled first,
+then each round times one step of each in turn, and ``x none`` is the median
+over rounds of the step's time over the uncompressed step's in the same
+round. A slow spell of a shared machine then slows both sides of a ratio
+instead of one compressor's whole row. With ``--op_profile`` one more step
+of each is traced (`experiments.op_profile`): where the step's time goes, per
+kind of operation, to compare with the uncompressed step's.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from experiments import op_profile  # noqa: E402
 from trustsgd_jax import compress, models, results, train  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -36,7 +45,8 @@ flags.DEFINE_list(
     "Top-K selections timed for every topk_level spec (compress.TOPK_SELECTIONS; exact is the spec itself)",
 )
 flags.DEFINE_integer("batch_size", 64, "global batch over all devices")
-flags.DEFINE_integer("steps", 5, "timed steps per compressor (after one warm-up step)")
+flags.DEFINE_integer("steps", 5, "timed rounds: steps per compressor, one of each in turn (after one warm-up step)")
+flags.DEFINE_bool("op_profile", True, "trace one more step of each compressor: time per kind of operation")
 flags.DEFINE_string("out", None, "also write the table to this Markdown file")
 
 
@@ -74,6 +84,7 @@ def main(argv):
         for sel in FLAGS.topk_selections:
             if kind == "topk_level" and sel != "exact":
                 cases.append((f"{spec}+{sel}", spec, compress.topk_level(params, int(arg), selection=sel)))
+    built = []
     for label, spec, c in cases:
         state = train.replicate(train.init_state(model, optimizer, c, image_shape, 0), n)
         wire = train.step_wire_cost(model, c, train.unreplicate(state))
@@ -81,13 +92,29 @@ def main(argv):
         t0 = time.perf_counter()
         state, m = step(state, images, labels)
         jax.block_until_ready(m)
-        compile_s = time.perf_counter() - t0
-        times = []
-        for _ in range(FLAGS.steps):
+        built.append(
+            dict(label=label, spec=spec, c=c, step=step, state=state, wire=wire, compile=time.perf_counter() - t0)
+        )
+    # Interleaved: round r times one step of every case, so a slow spell of the machine hits every case alike.
+    times: dict[str, list[float]] = {b["label"]: [] for b in built}
+    for _ in range(FLAGS.steps):
+        for b in built:
             t0 = time.perf_counter()
-            state, m = step(state, images, labels)
+            b["state"], m = b["step"](b["state"], images, labels)
             jax.block_until_ready(m)
-            times.append(time.perf_counter() - t0)
+            times[b["label"]].append(time.perf_counter() - t0)
+    base_label = next((b["label"] for b in built if b["spec"] == "none"), built[0]["label"])
+    profiles = []
+    for b in built:
+        label, spec, c = b["label"], b["spec"], b["c"]
+        if FLAGS.op_profile:
+
+            def one_step(b=b):
+                b["state"], m = b["step"](b["state"], images, labels)  # the state is donated: keep the new one
+                return m
+
+            prof = op_profile.op_profile(one_step)
+            profiles.append(f"* {label}: " + op_profile.summary(prof, unit="step"))
         grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=(n, *p.shape)).astype(np.float32)), params)
         cstate = train.replicate(c.init(params), n)
         red = jax.pmap(lambda g, s, c=c: c.reduce(g, s, train.AXIS)[:2], axis_name=train.AXIS)
@@ -97,18 +124,24 @@ def main(argv):
             t0 = time.perf_counter()
             jax.block_until_ready(red(grads, cstate))
             rtimes.append(time.perf_counter() - t0)
+        ratios = [t / t_none for t, t_none in zip(times[label], times[base_label], strict=True)]
         rows.append(
             dict(
                 spec=label,
-                step=float(np.median(times)),
+                step=float(np.median(times[label])),
+                ratio=float(np.median(ratios)),
+                ratio_range=(float(np.min(ratios)), float(np.max(ratios))),
                 reduce=float(np.median(rtimes)),
-                compile=compile_s,
-                words=wire["grad_words"],
-                bn=wire["bn_words"],
+                compile=b["compile"],
+                words=b["wire"]["grad_words"],
+                bn=b["wire"]["bn_words"],
                 analytic=analytic_words(spec, shapes),
             )
         )
-        print(f"{label}: step {rows[-1]['step']:.3f}s reduce {rows[-1]['reduce']:.3f}s", flush=True)
+        print(
+            f"{label}: step {rows[-1]['step']:.3f}s ({rows[-1]['ratio']:.2f}x none) reduce {rows[-1]['reduce']:.3f}s",
+            flush=True,
+        )
     base = next((r for r in rows if r["spec"] == "none"), rows[0])
 
     lines = [
@@ -120,7 +153,8 @@ def main(argv):
         [
             "compressor",
             "step s",
-            "x none",
+            "x none (median of rounds)",
+            "range over rounds",
             "reduce s",
             "words/worker/step",
             "analytic",
@@ -131,7 +165,8 @@ def main(argv):
             [
                 r["spec"],
                 f"{r['step']:.3f}",
-                f"{r['step'] / base['step']:.2f}",
+                f"{r['ratio']:.2f}",
+                f"{r['ratio_range'][0]:.2f}-{r['ratio_range'][1]:.2f}",
                 f"{r['reduce']:.4f}",
                 r["words"],
                 r["analytic"],
@@ -141,6 +176,12 @@ def main(argv):
             for r in rows
         ],
     )
+    lines += [
+        "",
+        f"Steps timed interleaved: {FLAGS.steps} rounds, one step of each compressor per round.",
+    ]
+    if profiles:
+        lines += ["", "Where one step goes (thread time of XLA's operations, experiments.op_profile):", *profiles]
     results.write_table("\n".join(lines), FLAGS.out)
 
 

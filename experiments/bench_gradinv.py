@@ -21,7 +21,10 @@ Rows (all in one run, on this machine):
 row, "GFLOP/s" the rate achieved, to set against the dense-matmul peaks
 printed below the table (fp32, and bf16 inputs with fp32 accumulation). A
 profile line splits one fp32 observed iteration into the model's forward and
-backward (the dummy gradient), the second backward through it, and the rest.
+backward (the dummy gradient), the second backward through it, and the rest;
+with ``--op_profile`` each fp32 one-device row is traced once more and split
+per kind of XLA operation (matmuls, elementwise, data movement, ...,
+`experiments.op_profile`), with how busy the threads were.
 Each figure times the second call of a compiled function, never the first.
 """
 
@@ -46,6 +49,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from experiments import op_profile  # noqa: E402
 from trustsgd_jax import compress, data, models, results  # noqa: E402
 from trustsgd_jax.attacks import gradinv, objectives, victim  # noqa: E402
 
@@ -73,6 +77,11 @@ flags.DEFINE_bool(
     "dense_targets_row",
     True,
     "time the first attacker also with dense deep-layer targets (objectives.dense_target_ranks)",
+)
+flags.DEFINE_bool(
+    "op_profile",
+    True,
+    "trace one more chunk of each fp32 one-device row: time per kind of XLA operation (experiments.op_profile)",
 )
 flags.DEFINE_bool("torch", True, "time a PyTorch eager Geiping loop when torch is importable")
 flags.DEFINE_bool("json_rows", False, "print the rows as JSON only (the subprocess's output)")
@@ -153,6 +162,10 @@ def time_attack(model, variables, msgs, y, objective, dtype, width, devices, thi
     t0 = time.perf_counter()
     jax.block_until_ready(attack.run_chunk(xs, st, msg, ys, FLAGS.iterations))
     run = time.perf_counter() - t0
+    profile = None
+    if FLAGS.op_profile and devices == 1 and dtype == "float32":
+        traced = op_profile.op_profile(attack.run_chunk, xs, st, msg, ys, FLAGS.iterations)
+        profile = op_profile.summary(traced, per=FLAGS.iterations * width, unit="attack-iteration")
     gflop = None
     if devices == 1:
         one_iteration = jax.jit(lambda xs, st, msg, ys: attack.run_chunk(xs, st, msg, ys, 1))
@@ -169,6 +182,7 @@ def time_attack(model, variables, msgs, y, objective, dtype, width, devices, thi
         compile=first - run,
         gflop=gflop,
         mem=_peak_mb(),
+        profile=profile,
     )
 
 
@@ -380,6 +394,10 @@ def main(argv):
         profile_line(model, variables, by_spec[first_spec], y) if first_objective == "observed" else "",
         *notes,
     ]
+    profiled = [r for r in rows if r.get("profile")]
+    if profiled:
+        lines += ["", "Where an iteration goes, per kind of XLA operation (thread time, experiments.op_profile):"]
+        lines += [f"* {r['spec']} / {r['objective']}, {r['width']} attack(s): {r['profile']}" for r in profiled]
     results.write_table("\n".join(line for line in lines if line is not None), FLAGS.out)
 
 
