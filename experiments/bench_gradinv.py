@@ -11,6 +11,10 @@ Rows (all in one run, on this machine):
   cost does not depend on the round), one attack at a time, in fp32; the
   first attacker also in bf16 (`gradinv.attack_model(..., matmul_dtype="bfloat16")`);
 * N attacks batched in one program (``--widths``), aggregate it/s;
+* `strongest`'s candidates side by side in one program (``--together``:
+  every applicable objective of the compressor's message, one attack each,
+  as `gradinv.invert_gradients` runs them), aggregate it/s, against the
+  same objectives timed one program each above;
 * the same batch spread over 2 local devices (a subprocess started with
   ``--xla_force_host_platform_device_count=2``, `gradinv.AttackConfig.devices`);
 * a PyTorch eager Geiping loop on the same model shape (cosine + TV, Adam on
@@ -70,6 +74,11 @@ flags.DEFINE_list(
     "compressor/objective pairs timed one attack at a time",
 )
 flags.DEFINE_list("widths", ["4", "8"], "batched widths, timed for the first attacker")
+flags.DEFINE_list(
+    "together",
+    ["powersgd:1", "topk_level:1"],
+    "compressors whose strongest candidates are also timed side by side in one program (gradinv.compile_attack)",
+)
 flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "matmul dtypes (gradinv.MATMUL_DTYPES)")
 flags.DEFINE_list("devices", ["1", "2"], "local device counts for the batched rows (2: in a subprocess)")
 flags.DEFINE_integer("simulated_devices", 1, "simulated CPU devices of this process (set for the subprocess)")
@@ -130,6 +139,9 @@ def _messages(model, variables, x, y, spec):
 def time_attack(model, variables, msgs, y, objective, dtype, width, devices, thin_targets=True):
     """One row: `width` attacks with `objective` on `devices` local devices.
 
+    A tuple of objectives times one attack per objective side by side in one
+    program (`gradinv.compile_attack`): the row's attacks are width x lanes.
+
     ``thin_targets``: dense deep-layer targets as U V^T at their measured rank, as `gradinv.invert_gradients`
     holds them (`objectives.dense_target_ranks`); False times the dense targets, for comparison.
     """
@@ -138,8 +150,9 @@ def time_attack(model, variables, msgs, y, objective, dtype, width, devices, thi
     )
     attacker = gradinv.attack_model(model, dtype)
     batch = [msgs[i % len(msgs)] for i in range(width)]
+    names = (objective,) if isinstance(objective, str) else tuple(objective)
     ranks = None
-    if objectives.takes_thin_targets(objective):
+    if any(objectives.takes_thin_targets(name) for name in names):
         ranks = objectives.dense_target_ranks(attacker, variables, batch, (1, 32, 32, 3), False)
     attack = gradinv.compile_attack(
         attacker,
@@ -155,6 +168,8 @@ def time_attack(model, variables, msgs, y, objective, dtype, width, devices, thi
     msg = jax.tree.map(lambda *a: jnp.stack(a), *batch)
     ys = jnp.asarray(np.resize(y, width)[:, None])
     xs = jax.random.normal(jax.random.key(1), (width, 1, 32, 32, 3))
+    if len(names) > 1 or not isinstance(objective, str):
+        xs = tuple(xs for _ in names)
     st = attack.init(xs)
     t0 = time.perf_counter()
     jax.block_until_ready(attack.run_chunk(xs, st, msg, ys, FLAGS.iterations))
@@ -165,20 +180,25 @@ def time_attack(model, variables, msgs, y, objective, dtype, width, devices, thi
     profile = None
     if FLAGS.op_profile and devices == 1 and dtype == "float32":
         traced = op_profile.op_profile(attack.run_chunk, xs, st, msg, ys, FLAGS.iterations)
-        profile = op_profile.summary(traced, per=FLAGS.iterations * width, unit="attack-iteration")
+        profile = op_profile.summary(traced, per=FLAGS.iterations * width * len(names), unit="attack-iteration")
     gflop = None
     if devices == 1:
         one_iteration = jax.jit(lambda xs, st, msg, ys: attack.run_chunk(xs, st, msg, ys, 1))
         compiled = one_iteration.lower(xs, st, msg, ys).compile()
         gflop = compiled.cost_analysis()["flops"] / 1e9
+    if not isinstance(objective, str):
+        label = " + ".join(names) + " (one program)"
+    elif not thin_targets and ranks and any(ranks):  # labelled apart only where some target would have been thin
+        label = f"{objective} (dense targets)"
+    else:
+        label = objective
     return dict(
-        # Labelled apart only where some target would have been thin: main() prints the row only then.
-        objective=f"{objective} (dense targets)" if not thin_targets and ranks and any(ranks) else objective,
+        objective=label,
         dtype=dtype,
-        width=width,
+        width=width * len(names),
         devices=devices,
         its=FLAGS.iterations / run,
-        agg=width * FLAGS.iterations / run,
+        agg=width * len(names) * FLAGS.iterations / run,
         compile=first - run,
         gflop=gflop,
         mem=_peak_mb(),
@@ -328,6 +348,13 @@ def main(argv):
                 row = time_attack(model, variables, by_spec[first_spec], y, first_objective, dtype, width, d)
                 rows.append(dict(row, spec=first_spec))
                 print(json.dumps(rows[-1]), flush=True)
+    if not FLAGS.json_rows:
+        for spec in FLAGS.together:
+            msgs = by_spec.setdefault(spec, _messages(model, variables, x, y, spec))
+            names = tuple(objectives.applicable_objectives(msgs[0]))
+            row = time_attack(model, variables, msgs, y, names, "float32", 1, 1)
+            rows.append(dict(row, spec=spec, lanes=names))
+            print(json.dumps(rows[-1]), flush=True)
     if FLAGS.json_rows:
         return
     if "2" in FLAGS.devices and here == 1:
@@ -394,6 +421,17 @@ def main(argv):
         profile_line(model, variables, by_spec[first_spec], y) if first_objective == "observed" else "",
         *notes,
     ]
+    for r in rows:
+        if r.get("lanes"):
+            alone = {o["objective"]: o["its"] for o in rows if o["spec"] == r["spec"] and o["width"] == 1}
+            if all(name in alone for name in r["lanes"]):
+                # Seconds per iteration of every lane, one program each (their rows above) over the same in one program.
+                separate = sum(1 / alone[name] for name in r["lanes"])
+                lines.append(
+                    f"{r['spec']}: its {len(r['lanes'])} strongest candidates in one program take "
+                    f"{1000 / r['its']:.0f} ms per iteration of all of them, one program each "
+                    f"{1000 * separate:.0f} ms: {separate * r['its']:.2f}x."
+                )
     profiled = [r for r in rows if r.get("profile")]
     if profiled:
         lines += ["", "Where an iteration goes, per kind of XLA operation (thread time, experiments.op_profile):"]

@@ -229,6 +229,52 @@ def test_strongest_selects_by_consistency_never_by_the_originals(setting):
     np.testing.assert_allclose(inv.loss, r.matching_loss, rtol=1e-6)
 
 
+@pytest.mark.parametrize("spec", ["powersgd:1", "topk:0.05"])
+def test_candidates_side_by_side_in_one_program_equal_one_program_each(setting, spec):
+    """`strongest`'s objectives side by side in one program (parallel=8) or one program each (parallel=2): same attacks.
+
+    Both batch the two images' attacks two at a time (vmap), so only the lanes differ.
+    """
+    model, variables, x, y = setting
+    msgs = [
+        round_message(model, variables, x, y, spec, "eval"),
+        round_message(model, variables, x[::-1], y[::-1], spec, "eval"),
+    ]
+    y = np.stack([y, y[::-1]])[:, :1]
+    names = tuple(objectives.applicable_objectives(msgs[0]))
+    assert len(names) == 3
+    attacker = gradinv.attack_model(model)
+    out = {}
+    for parallel in (2, 8):
+        cfg = gradinv.AttackConfig(iterations=20, chunk=10, parallel=parallel)
+        out[parallel] = gradinv.invert_gradients(
+            attacker,
+            variables,
+            msgs,
+            y,
+            (16, 16, 3),
+            "cifar10",
+            threat="strongest",
+            config=cfg,
+            progress=False,
+        )
+    for name in names:  # each lane keeps its own objective: swapped lanes would differ here
+        np.testing.assert_allclose(out[8].candidates[name], out[2].candidates[name], rtol=1e-4, atol=1e-4)
+    assert out[8].chosen == out[2].chosen
+    np.testing.assert_allclose(out[8].loss, out[2].loss, rtol=1e-4, atol=1e-6)
+    # The compiled lanes' final losses are each objective's own.
+    cfg = gradinv.AttackConfig(iterations=1, parallel=3, devices=1)
+    z = jnp.asarray(x[None, :1]) + 0.1
+    msg, yy = jax.tree.map(lambda t: t[None], msgs[0]), jnp.asarray(y[None, 0])
+    together = gradinv.compile_attack(attacker, variables, names, cfg, "cifar10", (16, 16, 3), train=False, width=1)
+    lanes = together.final_loss(tuple(z for _ in names), msg, yy)
+    assert isinstance(lanes, tuple) and len(lanes) == len(names)
+    for name, lane in zip(names, lanes, strict=True):
+        alone = gradinv.compile_attack(attacker, variables, name, cfg, "cifar10", (16, 16, 3), train=False, width=1)
+        np.testing.assert_allclose(np.asarray(lane), np.asarray(alone.final_loss(z, msg, yy)), rtol=1e-5)
+    assert len({float(lane[0]) for lane in lanes}) == len(names)  # the objectives differ, so a mix-up shows
+
+
 def test_readme_audit_example_runs():
     """The README's gradient-inversion example, verbatim: a 4-worker round, the strongest attacker, its record."""
     text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()

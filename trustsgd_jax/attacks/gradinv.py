@@ -62,7 +62,7 @@ class AttackConfig(NamedTuple):
     boxed: bool = True  # clip pixels to the valid range after every step
     layer_weights: str = "equal"  # or "linear": weights falling with depth (objectives.tensor_weights)
     chunk: int = 100  # iterations per compiled scan chunk (progress granularity)
-    parallel: int = 8  # independent attacks batched in one program (over all devices together)
+    parallel: int = 8  # independent attacks in one program (over all devices together; objectives side by side count)
     seed: int = 0
     matmul_dtype: str = "float32"  # or "bfloat16": the convolutions' matmuls on bf16 inputs (see attack_model)
     devices: int | None = None  # local devices the attacks spread over; None: all on GPU/TPU, 1 on CPU (faster)
@@ -126,7 +126,9 @@ class CompiledAttack(NamedTuple):
     (x, opt_state, last loss)`` runs `length` iterations (static);
     ``final_loss(x, msg, y)`` is the matching loss without TV, the restart
     selection criterion. Each passes the model's variables to its compiled
-    program as an argument (`compile_attack`).
+    program as an argument (`compile_attack`). Compiled for a tuple of
+    objectives, x, opt_state and the losses are tuples in that order (one
+    attack per objective, side by side); msg and y are shared.
     """
 
     init: Callable
@@ -137,7 +139,7 @@ class CompiledAttack(NamedTuple):
 def compile_attack(
     model: nn.Module,
     variables: dict,
-    objective: str,
+    objective: str | tuple[str, ...],
     config: AttackConfig,
     dataset: str,
     image_shape,
@@ -152,45 +154,69 @@ def compile_attack(
     batch statistics (as a train-mode round computed the message) instead of
     the running averages. ``target_ranks`` (`objectives.dense_target_ranks`
     of the messages to attack) holds their dense deep-layer tensors as thin
-    factors, which cuts the cost of an iteration and not its value.
+    factors, which cuts the cost of an iteration and not its value; an
+    objective that cannot take them (`objectives.takes_thin_targets`) keeps
+    dense ones.
+
+    A tuple of objectives compiles one attack per objective side by side in
+    one program (each step of the loop steps every one of them): the same
+    attacks as one program each, but the independent operations of the
+    lanes keep more cores busy than one B = 1 attack does (on this 2-core
+    CPU one ResNet-18 attack kept the threads 53-57% busy; README,
+    Benchmarks). `strongest`'s candidates run this way (`invert_gradients`).
     """
     lo, hi = (jnp.asarray(v, jnp.float32) for v in data_lib.pixel_bounds(dataset))
     rank = objectives.forward_order(model, variables, image_shape) if config.layer_weights == "linear" else None
     weights = objectives.tensor_weights(len(jax.tree.leaves(variables["params"])), config.layer_weights, rank)
     opt = _optimizer(config)
 
+    names = (objective,) if isinstance(objective, str) else tuple(objective)
+    if not names:
+        raise AttackError("compile_attack needs at least one objective.")
+    lanes = not isinstance(objective, str)
+
     # The variables are an argument of every compiled program, never a constant folded into it: the programs of
     # one shape are then the same whatever the victim's weights (a trained victim at another step, another seed),
     # so JAX's persistent compilation cache serves them, and its entries do not carry the model (ResNet-18: about
     # 80 MB per program as constants).
-    def matching_at(v):
-        return objectives.matching_loss(model, v, objective, weights, train, target_ranks)
+    def matchings_at(v):
+        return [objectives.matching_loss(model, v, name, weights, train, target_ranks) for name in names]
 
     def run_chunk(v, x, opt_state, msg, y, length):
-        matching = matching_at(v)
-
-        def total_loss(x, target):
-            return matching.loss(x, msg, target, y) + config.tv * objectives.total_variation(x)
+        matchings = matchings_at(v)
+        xs, states = (x, opt_state) if lanes else ((x,), (opt_state,))
 
         def step(carry, _):
-            x, opt_state, target = carry
-            loss, g = jax.value_and_grad(total_loss)(x, target)
-            updates, opt_state = opt.update(g, opt_state, x)
-            x = optax.apply_updates(x, updates)
-            if config.boxed:
-                x = jnp.clip(x, lo, hi)
-            return (x, opt_state, target), loss
+            xs, states, targets = carry
+            new_x, new_states, losses = [], [], []
+            for matching, xk, state, target in zip(matchings, xs, states, targets, strict=True):
+
+                def total_loss(x, matching=matching, target=target):
+                    return matching.loss(x, msg, target, y) + config.tv * objectives.total_variation(x)
+
+                loss, g = jax.value_and_grad(total_loss)(xk)
+                updates, state = opt.update(g, state, xk)
+                xk = optax.apply_updates(xk, updates)
+                if config.boxed:
+                    xk = jnp.clip(xk, lo, hi)
+                new_x.append(xk)
+                new_states.append(state)
+                losses.append(loss)
+            return (tuple(new_x), tuple(new_states), targets), tuple(losses)
 
         # The message's view is loop-invariant: prepared once per chunk, outside the scan.
-        (x, opt_state, _), losses = jax.lax.scan(step, (x, opt_state, matching.prepare(msg)), None, length=length)
-        return x, opt_state, losses[-1]
+        targets = tuple(m.prepare(msg) for m in matchings)
+        (xs, states, _), losses = jax.lax.scan(step, (tuple(xs), tuple(states), targets), None, length=length)
+        last = tuple(loss[-1] for loss in losses)
+        return (xs, states, last) if lanes else (xs[0], states[0], last[0])
 
     def init(v, x):
         del v
-        return opt.init(x)
+        return tuple(opt.init(xk) for xk in x) if lanes else opt.init(x)
 
     def final_loss(v, x, msg, y):
-        return matching_at(v)(x, msg, y)
+        losses = tuple(m(xk, msg, y) for m, xk in zip(matchings_at(v), x if lanes else (x,), strict=True))
+        return losses if lanes else losses[0]
 
     devices = attack_devices(config)[: max(1, width)]
     if width % len(devices):
@@ -304,22 +330,47 @@ class Inversion(NamedTuple):
     candidates: dict[str, np.ndarray]
 
 
-def _run_objective(model, variables, messages, labels, image_shape, dataset, objective, train, config, seeds, bar):
-    """Every (batch, restart) attack with one objective: (x [N, R, B, ...], final matching loss [N, R])."""
+def _run_objectives(model, variables, messages, labels, image_shape, dataset, names, train, config, seeds, bar):
+    """Every (batch, restart) attack of every objective: {name: (x [N, R, B, ...], final matching loss [N, R])}.
+
+    Each objective batches up to `AttackConfig.parallel` of its (batch,
+    restart) attacks in one program, as always; objectives then run side by
+    side in that program (`compile_attack` with a tuple) while all their
+    attacks together stay within ``parallel``. So a single image's
+    `strongest` candidates share one program, and ``parallel=1`` runs one
+    attack per program. Every objective starts attack (i, r) from the same
+    noise either way, and each lane computes what its own program would.
+    """
     n, b = labels.shape
     jobs_total = n * config.restarts
     spread = min(len(attack_devices(config)), jobs_total)
     width = -(-min(config.parallel, jobs_total) // spread) * spread  # a multiple of the devices used
+    side_by_side = max(config.parallel // width, 1)
+    if len(names) > side_by_side:
+        out: dict = {}
+        for start in range(0, len(names), side_by_side):
+            group = tuple(names[start : start + side_by_side])
+            out.update(
+                _run_objectives(
+                    model, variables, messages, labels, image_shape, dataset, group, train, config, seeds, bar
+                )
+            )
+        return out
     ranks = None
-    if objectives.takes_thin_targets(objective):
+    if any(objectives.takes_thin_targets(name) for name in names):
         ranks = objectives.dense_target_ranks(model, variables, messages, (b, *image_shape), train)
+    objective = names[0] if len(names) == 1 else tuple(names)
     attack = compile_attack(
         model, variables, objective, config, dataset, image_shape, train=train, width=width, target_ranks=ranks
     )
+
+    def per_name(t):
+        return (t,) if len(names) == 1 else t
+
     # Attack j = (batch j // R, restart j % R).
     jobs = [(i, r) for i in range(n) for r in range(config.restarts)]
-    results_x = np.zeros((len(jobs), b, *image_shape), np.float32)
-    results_loss = np.zeros((len(jobs),), np.float32)
+    results_x = np.zeros((len(names), len(jobs), b, *image_shape), np.float32)
+    results_loss = np.zeros((len(names), len(jobs)), np.float32)
     for start in range(0, len(jobs), width):
         group = jobs[start : start + width]
         # Pad the last group to the compiled width (padding attacks repeat the first and are dropped).
@@ -327,7 +378,8 @@ def _run_objective(model, variables, messages, labels, image_shape, dataset, obj
         msg = jax.tree.map(lambda *xs: jnp.stack(xs), *[messages[i] for i, _ in padded])
         y = jnp.asarray(np.stack([labels[i] for i, _ in padded]))
         keys = [jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), seeds[i]), r) for i, r in padded]
-        x = jnp.stack([jax.random.normal(k, (b, *image_shape), jnp.float32) for k in keys])
+        x0 = jnp.stack([jax.random.normal(k, (b, *image_shape), jnp.float32) for k in keys])
+        x = x0 if len(names) == 1 else tuple(x0 for _ in names)
         opt_state = attack.init(x)
         done = 0
         while done < config.iterations:
@@ -335,12 +387,16 @@ def _run_objective(model, variables, messages, labels, image_shape, dataset, obj
             x, opt_state, _ = attack.run_chunk(x, opt_state, msg, y, length)
             jax.block_until_ready(x)
             done += length
-            bar.update(length * len(group))
-        losses = np.asarray(attack.final_loss(x, msg, y))
-        results_x[start : start + len(group)] = np.asarray(x)[: len(group)]
-        results_loss[start : start + len(group)] = losses[: len(group)]
+            bar.update(length * len(group) * len(names))
+        losses = per_name(attack.final_loss(x, msg, y))
+        for k, (xk, lk) in enumerate(zip(per_name(x), losses, strict=True)):
+            results_x[k, start : start + len(group)] = np.asarray(xk)[: len(group)]
+            results_loss[k, start : start + len(group)] = np.asarray(lk)[: len(group)]
     results_loss = np.where(np.isfinite(results_loss), results_loss, np.inf)
-    return results_x.reshape(n, config.restarts, b, *image_shape), results_loss.reshape(n, config.restarts)
+    return {
+        name: (results_x[k].reshape(n, config.restarts, b, *image_shape), results_loss[k].reshape(n, config.restarts))
+        for k, name in enumerate(names)
+    }
 
 
 def consistency_losses(model, variables, messages: list, labels, candidates: np.ndarray, *, train: bool) -> np.ndarray:
@@ -400,10 +456,7 @@ def invert_gradients(
         unit="it",
         dynamic_ncols=True,
     )
-    runs = {
-        name: _run_objective(model, variables, messages, labels, image_shape, dataset, name, train, config, seeds, bar)
-        for name in names
-    }
+    runs = _run_objectives(model, variables, messages, labels, image_shape, dataset, names, train, config, seeds, bar)
     bar.close()
     rows = np.arange(n)
     candidates = {name: x[rows, loss.argmin(1)] for name, (x, loss) in runs.items()}
