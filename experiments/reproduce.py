@@ -52,7 +52,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from experiments import report  # noqa: E402
 from experiments.presets import PRESETS  # noqa: E402
 from trustsgd_jax import compress, data, models, results, train  # noqa: E402
-from trustsgd_jax.attacks import gradinv, membership, shadows, victim  # noqa: E402
+from trustsgd_jax.attacks import gradinv, membership, objectives, shadows, victim  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("preset", "quick", list(PRESETS), "flag defaults: tiny (tests), quick (CPU), paper")
@@ -604,7 +604,8 @@ def run_gradinv_unit(u: dict, ds: data.Dataset, workdir: pathlib.Path, progress:
         tv=u["tv"],
         chunk=min(100, u["iterations"]),
         matmul_dtype=u["matmul_dtype"],
-        parallel=n * u["restarts"],
+        # The whole unit in one program: its batches and restarts, and every candidate objective side by side.
+        parallel=n * u["restarts"] * 2 * len(objectives.OBJECTIVES),  # each objective with and without +bn
         seed=u["seed"],
     )
     r = gradinv.audit(
