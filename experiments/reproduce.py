@@ -31,9 +31,12 @@ from __future__ import annotations
 
 import sys
 
-from experiments.xla_env import simulate_cpu_devices
+from experiments.xla_env import narrow_cpu_devices, simulate_cpu_devices
 
-simulate_cpu_devices(8)
+# Membership inference trains its models data-parallel over every device, so their numbers depend on the count;
+# 8 is the count its committed results used. `main` narrows it for runs without membership inference (--cpu_devices).
+MIA_CPU_DEVICES = 8
+simulate_cpu_devices(MIA_CPU_DEVICES)
 
 import hashlib  # noqa: E402
 import io  # noqa: E402
@@ -139,6 +142,13 @@ flags.DEFINE_string(
     "JAX's persistent compilation cache: units of the same shapes (more images, a resumed run) reuse the compiled "
     "attacks and rounds instead of compiling them again; '' turns it off ($JAX_COMPILATION_CACHE_DIR wins)",
 )
+flags.DEFINE_integer(
+    "cpu_devices",
+    None,
+    "simulated CPU devices of this process (CPU only; a count in $XLA_FLAGS wins). Default: 8 when membership "
+    "inference runs (its models train data-parallel over every device), else --workers (the attacked round needs N; "
+    "each attack runs on one device, and fewer simulated devices make it faster on a small CPU)",
+)
 flags.DEFINE_bool("progress", True, "progress bars")
 flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-host)")
 flags.DEFINE_integer("num_processes", 1, "processes (multi-host)")
@@ -188,10 +198,17 @@ SETTING_FIELDS = {
         "mia_snapshots",
         "mia_budgets",
         "mia_query_views",
+        "mia_devices",
     ),
 }
 # What a MIA record from before a field existed was computed with.
-MIA_FIELD_DEFAULTS = {"mia_split": "balanced", "mia_snapshots": [], "mia_budgets": [], "mia_query_views": "flip"}
+MIA_FIELD_DEFAULTS = {
+    "mia_split": "balanced",
+    "mia_snapshots": [],
+    "mia_budgets": [],
+    "mia_query_views": "flip",
+    "mia_devices": MIA_CPU_DEVICES,
+}
 PER_CELL_FIELDS = {"gradinv": ("data_source", "start_iter"), "mia": ("data_source",)}
 
 
@@ -216,8 +233,11 @@ def apply_preset():
 def unit_key(record: dict) -> str:
     """A hash of everything a unit reads: its whole record (less the key itself)."""
     fields = {k: v for k, v in record.items() if k != "key"}
-    if fields.get("mia_query_views") == "flip":  # the views before the option existed: those units keep their keys
+    # Values from before these options existed: those units keep their keys.
+    if fields.get("mia_query_views") == "flip":
         del fields["mia_query_views"]
+    if fields.get("mia_devices") == MIA_CPU_DEVICES:  # the models' data-parallel split (numerics depend on it)
+        del fields["mia_devices"]
     return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -230,6 +250,7 @@ def setting_key(record: dict) -> str:
 
 def validate(params_by_dataset, datasets):
     """All flag errors before any work starts."""
+    cpu_devices()  # main used it already; here for callers of prepare alone
     for t in FLAGS.threat_models:
         if t not in gradinv.THREATS:
             raise ConfigError(f"unknown threat model {t!r}; use {', '.join(gradinv.THREATS)}.")
@@ -417,6 +438,7 @@ def plan_units(datasets, done_records) -> list[dict]:
                         mia_snapshots=sorted(set(FLAGS.mia_snapshots)),
                         mia_budgets=sorted(set(FLAGS.mia_budgets)),
                         mia_query_views=FLAGS.mia_query_views,
+                        mia_devices=jax.device_count(),
                         data_source=datasets[name].source,
                     )
                 )
@@ -503,12 +525,20 @@ def merge_shards(workdir: pathlib.Path) -> int:
     return moved
 
 
+def cpu_devices() -> int:
+    """The simulated CPU devices this run asks for (--cpu_devices; see there for the default)."""
+    if FLAGS.cpu_devices is not None and FLAGS.cpu_devices < 1:  # checked here: the count is used before validate
+        raise ConfigError(f"--cpu_devices must be >= 1, got {FLAGS.cpu_devices}.")
+    return FLAGS.cpu_devices or (MIA_CPU_DEVICES if FLAGS.mia else FLAGS.workers)
+
+
 def main(argv):
     del argv
+    apply_preset()
+    narrow_cpu_devices(cpu_devices())
     if FLAGS.coordinator_address:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    apply_preset()
     use_compilation_cache(FLAGS.compilation_cache_dir)
     try:
         workdir, datasets = prepare()
@@ -536,7 +566,7 @@ def main(argv):
     todo = process_share([u for u in units if u["key"] not in done], process_id, num_processes)
     print(
         f"process {process_id} of {num_processes}: {len(todo)} units to run; {len(done_records)} already done in "
-        f"{workdir}",
+        f"{workdir}; {jax.local_device_count()} local {jax.default_backend().upper()} devices",
         flush=True,
     )
     bar = tqdm(total=len(todo), desc="units", unit="unit", dynamic_ncols=True, disable=not (FLAGS.progress and is_main))

@@ -199,6 +199,60 @@ def test_query_views_option_keeps_the_keys_of_units_from_before_it():
     }
 
 
+def test_mia_device_count_is_part_of_a_unit_only_where_it_is_not_the_default():
+    """The models' data-parallel split changes their numbers: another count is another unit, 8 keeps old keys."""
+    unit = dict(kind="mia", dataset="cifar10", compressor="none", mia_split="paired", mia_budgets=[])
+    default = reproduce_lib.MIA_CPU_DEVICES
+    assert reproduce_lib.unit_key({**unit, "mia_devices": default}) == reproduce_lib.unit_key(unit)
+    assert reproduce_lib.unit_key({**unit, "mia_devices": default // 2}) != reproduce_lib.unit_key(unit)
+    assert reproduce_lib.MIA_FIELD_DEFAULTS["mia_devices"] == default
+    assert "mia_devices" in reproduce_lib.SETTING_FIELDS["mia"]  # one workdir, one count
+
+
+@pytest.mark.parametrize(
+    "flag,expected",
+    [("--mia=true --workers=2", 8), ("--mia=false --workers=2", 2), ("--mia=true --cpu_devices=3", 3), ("", 8)],
+)
+def test_a_run_asks_for_as_many_cpu_devices_as_its_units_need(flag, expected):
+    FLAGS.unparse_flags()
+    FLAGS(["reproduce", "--preset=tiny", *flag.split()])
+    try:
+        reproduce_lib.apply_preset()
+        assert reproduce_lib.cpu_devices() == expected
+    finally:
+        FLAGS.unparse_flags()
+
+
+NARROW = """
+import sys
+from experiments.xla_env import narrow_cpu_devices, simulate_cpu_devices
+simulate_cpu_devices(8)
+import jax
+if sys.argv[1] == "after":
+    jax.devices()
+print(narrow_cpu_devices(3), jax.device_count())
+"""
+
+
+@pytest.mark.parametrize(
+    "xla_flags,when,expected",
+    [
+        ("", "before", "True 3"),  # the default count, backends not started: narrowed
+        ("", "after", "False 8"),  # backends already started: kept
+        ("--xla_force_host_platform_device_count=2", "before", "False 2"),  # the caller's count wins
+    ],
+)
+def test_narrow_cpu_devices_replaces_only_the_default_count_before_jax_starts(xla_flags, when, expected):
+    env = {k: v for k, v in ENV.items() if k != "XLA_FLAGS"}
+    if xla_flags:
+        env["XLA_FLAGS"] = xla_flags
+    out = subprocess.run(
+        [sys.executable, "-c", NARROW, when], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[-2] == expected
+
+
 def test_utility_matched_takes_each_compressor_s_first_snapshot_at_the_common_level():
     def row(c, accs):
         snaps = [dict(step=10 * (i + 1), test_accuracy=a, attacks={}) for i, a in enumerate(accs)]
@@ -428,6 +482,7 @@ def test_corrupt_middle_line_raises(tmp_path):
         ("--workers=8 --victim_batch=600 --images=600", "exceeds the 4000 training images"),
         ("--mia_budgets=1,8", "--mia_budgets=1,8: each must be an integer in [1, 4]"),
         ("--mia_split=balanced", "need --mia_split=paired"),
+        ("--cpu_devices=0", "--cpu_devices must be >= 1"),
     ],
 )
 def test_bad_flags_fail_before_any_work(tmp_path, flag, message):
