@@ -25,6 +25,7 @@ from experiments.xla_env import simulate_cpu_devices
 simulate_cpu_devices(8)
 
 # Imported after XLA_FLAGS is set, because JAX reads it when first imported.
+import functools  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
@@ -33,7 +34,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from experiments import op_profile  # noqa: E402
+from experiments import op_profile, timing  # noqa: E402
 from trustsgd_jax import compress, models, results, train  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -95,25 +96,20 @@ def main(argv):
         built.append(
             dict(label=label, spec=spec, c=c, step=step, state=state, wire=wire, compile=time.perf_counter() - t0)
         )
+
+    def one_step(b):
+        b["state"], m = b["step"](b["state"], images, labels)  # the state is donated: keep the new one
+        return jax.block_until_ready(m)
+
     # Interleaved: round r times one step of every case, so a slow spell of the machine hits every case alike.
-    times: dict[str, list[float]] = {b["label"]: [] for b in built}
-    for _ in range(FLAGS.steps):
-        for b in built:
-            t0 = time.perf_counter()
-            b["state"], m = b["step"](b["state"], images, labels)
-            jax.block_until_ready(m)
-            times[b["label"]].append(time.perf_counter() - t0)
+    per_case = timing.interleaved([functools.partial(one_step, b) for b in built], FLAGS.steps)
+    times = {b["label"]: t for b, t in zip(built, per_case, strict=True)}
     base_label = next((b["label"] for b in built if b["spec"] == "none"), built[0]["label"])
     profiles = []
     for b in built:
         label, spec, c = b["label"], b["spec"], b["c"]
         if FLAGS.op_profile:
-
-            def one_step(b=b):
-                b["state"], m = b["step"](b["state"], images, labels)  # the state is donated: keep the new one
-                return m
-
-            prof = op_profile.op_profile(one_step)
+            prof = op_profile.op_profile(functools.partial(one_step, b))
             profiles.append(f"* {label}: " + op_profile.summary(prof, unit="step"))
         grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=(n, *p.shape)).astype(np.float32)), params)
         cstate = train.replicate(c.init(params), n)
@@ -124,12 +120,12 @@ def main(argv):
             t0 = time.perf_counter()
             jax.block_until_ready(red(grads, cstate))
             rtimes.append(time.perf_counter() - t0)
-        ratios = [t / t_none for t, t_none in zip(times[label], times[base_label], strict=True)]
+        ratios = np.asarray(times[label]) / np.asarray(times[base_label])
         rows.append(
             dict(
                 spec=label,
                 step=float(np.median(times[label])),
-                ratio=float(np.median(ratios)),
+                ratio=timing.paired_ratio(times[label], times[base_label]),
                 ratio_range=(float(np.min(ratios)), float(np.max(ratios))),
                 reduce=float(np.median(rtimes)),
                 compile=b["compile"],

@@ -29,7 +29,9 @@ backward (the dummy gradient), the second backward through it, and the rest;
 with ``--op_profile`` each fp32 one-device row is traced once more and split
 per kind of XLA operation (matmuls, elementwise, data movement, ...,
 `experiments.op_profile`), with how busy the threads were.
-Each figure times the second call of a compiled function, never the first.
+Each figure times the second call of a compiled function, never the first:
+every row is compiled first, then ``--rounds`` rounds each time one chunk of
+every row in turn (`time_rows`), and a row's it/s is its median over rounds.
 """
 
 from __future__ import annotations
@@ -53,13 +55,14 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from experiments import op_profile  # noqa: E402
+from experiments import op_profile, timing  # noqa: E402
 from trustsgd_jax import compress, data, models, results  # noqa: E402
 from trustsgd_jax.attacks import gradinv, objectives, victim  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "resnet18", "convnet | resnet18")
-flags.DEFINE_integer("iterations", 40, "timed attack iterations per row (after compiling)")
+flags.DEFINE_integer("iterations", 40, "timed attack iterations per row and round (after compiling)")
+flags.DEFINE_integer("rounds", 3, "timing rounds: each times every row once, in turn (time_rows)")
 flags.DEFINE_list(
     "attackers",
     [
@@ -136,11 +139,13 @@ def _messages(model, variables, x, y, spec):
     return [round_(variables, x[None, i : i + 1], y[None, i : i + 1]).message for i in range(len(x))]
 
 
-def time_attack(model, variables, msgs, y, objective, dtype, width, devices, thin_targets=True):
-    """One row: `width` attacks with `objective` on `devices` local devices.
+def build_attack(model, variables, msgs, y, objective, dtype, width, devices, thin_targets=True) -> dict:
+    """One row, compiled and called once: `width` attacks with `objective` on `devices` local devices.
 
-    A tuple of objectives times one attack per objective side by side in one
+    A tuple of objectives runs one attack per objective side by side in one
     program (`gradinv.compile_attack`): the row's attacks are width x lanes.
+    Returns the row's fields and ``run``, one timed call (a chunk of
+    ``--iterations``); `time_rows` times the rows.
 
     ``thin_targets``: dense deep-layer targets as U V^T at their measured rank, as `gradinv.invert_gradients`
     holds them (`objectives.dense_target_ranks`); False times the dense targets, for comparison.
@@ -171,12 +176,13 @@ def time_attack(model, variables, msgs, y, objective, dtype, width, devices, thi
     if len(names) > 1 or not isinstance(objective, str):
         xs = tuple(xs for _ in names)
     st = attack.init(xs)
+
+    def run():
+        jax.block_until_ready(attack.run_chunk(xs, st, msg, ys, FLAGS.iterations))
+
     t0 = time.perf_counter()
-    jax.block_until_ready(attack.run_chunk(xs, st, msg, ys, FLAGS.iterations))
+    run()
     first = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    jax.block_until_ready(attack.run_chunk(xs, st, msg, ys, FLAGS.iterations))
-    run = time.perf_counter() - t0
     profile = None
     if FLAGS.op_profile and devices == 1 and dtype == "float32":
         traced = op_profile.op_profile(attack.run_chunk, xs, st, msg, ys, FLAGS.iterations)
@@ -197,13 +203,44 @@ def time_attack(model, variables, msgs, y, objective, dtype, width, devices, thi
         dtype=dtype,
         width=width * len(names),
         devices=devices,
-        its=FLAGS.iterations / run,
-        agg=width * len(names) * FLAGS.iterations / run,
-        compile=first - run,
+        first=first,
         gflop=gflop,
         mem=_peak_mb(),
         profile=profile,
+        run=run,
     )
+
+
+def time_rows(built: list[dict], rounds: int) -> list[dict]:
+    """Times built rows interleaved (`timing.interleaved`): a row's it/s is its median over rounds.
+
+    ``times`` keeps every round's seconds, so that two rows compare round by
+    round (`_ratio`); ``compile`` is the first call less the median one.
+    """
+    times = timing.interleaved([b["run"] for b in built], rounds)
+    rows = []
+    for b, t in zip(built, times, strict=True):
+        median = float(np.median(t))
+        row = {k: v for k, v in b.items() if k not in ("run", "first")}
+        rows.append(
+            dict(
+                row,
+                its=FLAGS.iterations / median,
+                agg=b["width"] * FLAGS.iterations / median,
+                compile=b["first"] - median,
+                times=t,
+            )
+        )
+    return rows
+
+
+def _ratio(row: dict, base: dict) -> float:
+    """Aggregate it/s of `row` over `base`'s: per round where both were timed in the same rounds
+    (`timing.paired_ratio`), else the ratio of their medians (rows from another process)."""
+    a, b = row.get("times"), base.get("times")
+    if a and b and len(a) == len(b):
+        return row["width"] / base["width"] * timing.paired_ratio(b, a)
+    return row["agg"] / base["agg"]
 
 
 def profile_line(model, variables, msgs, y) -> str:
@@ -304,6 +341,7 @@ def device_rows() -> list[dict]:
         "--torch=false",
         f"--model={FLAGS.model}",
         f"--iterations={FLAGS.iterations}",
+        f"--rounds={FLAGS.rounds}",
         f"--attackers={FLAGS.attackers[0]}",
         f"--widths={','.join(FLAGS.widths)}",
         "--dtypes=float32",
@@ -313,48 +351,51 @@ def device_rows() -> list[dict]:
     flags_ = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f)
     env = dict(os.environ, XLA_FLAGS=f"{flags_} --xla_force_host_platform_device_count=2".strip())
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
-    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    return [{k: v for k, v in r.items() if k != "times"} for r in rows]  # another process's rounds: not paired
 
 
 def main(argv):
     del argv
     _, model, variables, x, y = _setting()
     by_spec: dict = {}
-    rows: list[dict] = []
     here = len(jax.local_devices())
     for pair in FLAGS.attackers:
         spec, objective = pair.split("/")
         by_spec.setdefault(spec, _messages(model, variables, x, y, spec))
     first_spec, first_objective = FLAGS.attackers[0].split("/")
+    built: list[dict] = []
+
+    def build(spec, *args, **kw):
+        built.append(dict(build_attack(model, variables, *args, **kw), spec=spec))
+        print(f"built {spec} / {built[-1]['objective']} ({built[-1]['width']} attacks)", file=sys.stderr, flush=True)
+
     if not FLAGS.json_rows or here == 1:
         for dtype in FLAGS.dtypes:
             # Every attacker in fp32; bf16 for the first one (its effect on speed is the same kind everywhere).
             for pair in FLAGS.attackers if dtype == "float32" else FLAGS.attackers[:1]:
                 spec, objective = pair.split("/")
-                row = time_attack(model, variables, by_spec[spec], y, objective, dtype, 1, 1)
-                rows.append(dict(row, spec=spec))
-                print(json.dumps(rows[-1]), flush=True)
+                build(spec, by_spec[spec], y, objective, dtype, 1, 1)
                 if pair == FLAGS.attackers[0] and dtype == "float32" and FLAGS.dense_targets_row:
-                    row = time_attack(model, variables, by_spec[spec], y, objective, dtype, 1, 1, thin_targets=False)
-                    if row["objective"] != objective:  # the message has thin deep-layer targets to compare
-                        rows.append(dict(row, spec=spec))
-                        print(json.dumps(rows[-1]), flush=True)
+                    build(spec, by_spec[spec], y, objective, dtype, 1, 1, thin_targets=False)
+                    if built[-1]["objective"] == objective:  # no thin deep-layer target to compare on this message
+                        built.pop()
     for dtype in FLAGS.dtypes:
         for width in (int(w) for w in FLAGS.widths):
             devices = [d for d in (int(d) for d in FLAGS.devices) if d <= here]
             for d in devices:
                 if width % d:
                     continue
-                row = time_attack(model, variables, by_spec[first_spec], y, first_objective, dtype, width, d)
-                rows.append(dict(row, spec=first_spec))
-                print(json.dumps(rows[-1]), flush=True)
+                build(first_spec, by_spec[first_spec], y, first_objective, dtype, width, d)
     if not FLAGS.json_rows:
         for spec in FLAGS.together:
             msgs = by_spec.setdefault(spec, _messages(model, variables, x, y, spec))
             names = tuple(objectives.applicable_objectives(msgs[0]))
-            row = time_attack(model, variables, msgs, y, names, "float32", 1, 1)
-            rows.append(dict(row, spec=spec, lanes=names))
-            print(json.dumps(rows[-1]), flush=True)
+            build(spec, msgs, y, names, "float32", 1, 1)
+            built[-1]["lanes"] = names
+    rows = time_rows(built, FLAGS.rounds)
+    for row in rows:
+        print(json.dumps(row), flush=True)
     if FLAGS.json_rows:
         return
     if "2" in FLAGS.devices and here == 1:
@@ -369,7 +410,7 @@ def main(argv):
     single: dict = {}
     for r in rows:
         if r["objective"] == "observed" and r["width"] == 1 and r["devices"] == 1:
-            single.setdefault((r["spec"], r["dtype"]), r["its"])
+            single.setdefault((r["spec"], r["dtype"]), r)
     reference = next((r["its"] for r in rows if "PyTorch" in r["objective"]), None)
     peak32, peak16 = _matmul_gflops(jnp.float32), _matmul_gflops(jnp.bfloat16)
 
@@ -401,7 +442,7 @@ def main(argv):
                 r["devices"],
                 f"{r['its']:.2f}",
                 f"{r['agg']:.2f}",
-                f"{r['agg'] / single[r['spec'], r['dtype']]:.2f}x" if (r["spec"], r["dtype"]) in single else "–",
+                f"{_ratio(r, single[r['spec'], r['dtype']]):.2f}x" if (r["spec"], r["dtype"]) in single else "–",
                 f"{r['agg'] / reference:.2f}x" if reference else "–",
                 cell(r, "gflop", ".2f"),
                 "–" if r.get("gflop") is None else f"{r['gflop'] * r['agg'] / r['width']:.0f}",
@@ -413,7 +454,8 @@ def main(argv):
     )
     lines = [
         f"Gradient inversion speed, {FLAGS.model} 32x32x3, B = 1, {jax.devices()[0].platform} "
-        f"({jax.devices()[0].device_kind}), {FLAGS.iterations} timed iterations per row",
+        f"({jax.devices()[0].device_kind}), {FLAGS.iterations} timed iterations per row and round, "
+        f"{FLAGS.rounds} rounds (median; × observed: median of the per-round ratios)",
         "",
         *table,
         "",
