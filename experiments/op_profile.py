@@ -29,7 +29,21 @@ KINDS = ("matmul", "linear algebra", "sort", "scatter/gather", "collective", "da
 _MATMUL_LIBRARIES = ("ynn", "xnn", "onednn")  # library fusions XLA:CPU hands its matmuls and convolutions to
 _MATMUL = {"dot", "convolution", "conv", "matmul", "gemm"}
 _LINALG = ("geqrf", "householder", "orgqr", "potrf", "trsm", "getrf", "gesdd", "gesvd", "syevd", "eigh")
-_COLLECTIVE = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute", "allreduce")
+# JAX names an all-reduce instruction after its primitive (psum, pmax, ...): `bench_compress` profiles are full of them.
+_COLLECTIVE = (
+    "all-reduce",
+    "all-gather",
+    "reduce-scatter",
+    "all-to-all",
+    "collective-permute",
+    "allreduce",
+    "psum",
+    "pmax",
+    "pmin",
+    "ppermute",
+    "all_to_all",
+    "all_gather",
+)
 _MOVEMENT = {
     "copy",
     "concatenate",
@@ -66,10 +80,11 @@ def op_kind(name: str) -> str:
         return "linear algebra"
     if any(t in ("sort", "topk", "top-k") or t.startswith("approx") for t in tokens):
         return "sort"
+    # Before scatter/gather: psum_scatter and all_gather are collectives.
+    if base.startswith(_COLLECTIVE) or any(t.startswith(_COLLECTIVE) for t in tokens) or "all-reduce" in base:
+        return "collective"
     if any(t in ("scatter", "gather") for t in tokens):
         return "scatter/gather"
-    if any(t.startswith(_COLLECTIVE) for t in tokens) or "all-reduce" in base:
-        return "collective"
     if tokens and all(t in _MOVEMENT for t in tokens):
         return "data movement"
     return "elementwise"

@@ -19,6 +19,9 @@ def test_op_kind_names_the_kinds_xla_cpu_uses():
     assert op_profile.op_kind("wrapped_scatter.1") == "scatter/gather"
     assert op_profile.op_kind("sort.2") == "sort"
     assert op_profile.op_kind("all-reduce.1") == "collective"
+    assert op_profile.op_kind("psum.308") == "collective"  # jax.lax.psum's all-reduce, as XLA:CPU's trace names it
+    assert op_profile.op_kind("psum_scatter.1") == "collective"
+    assert op_profile.op_kind("all_gather.2") == "collective"
     assert set(op_profile.KINDS) >= {op_profile.op_kind(n) for n in ("x", "add.1", "reduce.3")}
 
 
