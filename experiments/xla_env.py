@@ -43,8 +43,9 @@ def narrow_cpu_devices(n: int) -> bool:
     caller's XLA_FLAGS is kept) and JAX has not started its backends yet
     (``jax_num_cpu_devices`` is read once, when the CPU client is made; it
     overrides the XLA flag). Why fewer: simulated devices share the host's
-    cores, and on 2 cores a ResNet-18 attack ran 10-15% slower in a process
-    with 8 of them than with the 4 its round needs (README, Benchmarks).
+    cores, and on 2 cores the ResNet-18 speed job took 5% longer in a
+    process with 8 of them than with the 4 its round needs (README,
+    Benchmarks).
     """
     import jax
 
