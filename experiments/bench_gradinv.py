@@ -23,8 +23,10 @@ Rows (all in one run, on this machine):
 
 "GFLOP/it" is XLA's cost analysis of one iteration of all attacks in the
 row, "GFLOP/s" the rate achieved, to set against the dense-matmul peaks
-printed below the table (fp32, and bf16 inputs with fp32 accumulation). A
-profile line splits one fp32 observed iteration into the model's forward and
+printed below the table (fp32, and bf16 inputs with fp32 accumulation);
+"GB/it" the bytes its fused operations read and write by the same count,
+"GB/s" their rate, to set against the memory bandwidth of one elementwise
+pass, printed there too. A profile line splits one fp32 observed iteration into the model's forward and
 backward (the dummy gradient), the second backward through it, and the rest;
 with ``--op_profile`` each fp32 one-device row is traced once more and split
 per kind of XLA operation (matmuls, elementwise, data movement, ...,
@@ -124,6 +126,18 @@ def _matmul_gflops(dtype, n: int = 2048) -> float:
     return 2 * n**3 / _timed(mm, a, a, repeats=10) / 1e9
 
 
+def _stream_gbs(n: int = 2**26, passes: int = 8) -> float:
+    """Memory bandwidth XLA's elementwise loops reach here: GB/s read and written by x <- 1.0001 x + 1 over n fp32.
+
+    The passes run inside one program, as an attack chunk's iterations do: a program per pass would also time
+    the kernel's page faults on each call's fresh 256 MB output (3 GB/s against 20 in one program, measured here
+    on 2026-12-03).
+    """
+    a = jnp.ones((n,), jnp.float32)
+    axpy = jax.jit(lambda a: jax.lax.fori_loop(0, passes, lambda _, a: a * 1.0001 + 1.0, a))
+    return passes * 2 * 4 * n / _timed(axpy, a, repeats=2) / 1e9
+
+
 def _setting():
     ds = data.load("cifar10")
     model = models.make_model(FLAGS.model, 10, norm="batch")
@@ -187,11 +201,11 @@ def build_attack(model, variables, msgs, y, objective, dtype, width, devices, th
     if FLAGS.op_profile and devices == 1 and dtype == "float32":
         traced = op_profile.op_profile(attack.run_chunk, xs, st, msg, ys, FLAGS.iterations)
         profile = op_profile.summary(traced, per=FLAGS.iterations * width * len(names), unit="attack-iteration")
-    gflop = None
+    gflop = gbytes = None
     if devices == 1:
         one_iteration = jax.jit(lambda xs, st, msg, ys: attack.run_chunk(xs, st, msg, ys, 1))
-        compiled = one_iteration.lower(xs, st, msg, ys).compile()
-        gflop = compiled.cost_analysis()["flops"] / 1e9
+        cost = one_iteration.lower(xs, st, msg, ys).compile().cost_analysis()
+        gflop, gbytes = cost["flops"] / 1e9, cost["bytes accessed"] / 1e9
     if not isinstance(objective, str):
         label = " + ".join(names) + " (one program)"
     elif not thin_targets and ranks and any(ranks):  # labelled apart only where some target would have been thin
@@ -205,6 +219,7 @@ def build_attack(model, variables, msgs, y, objective, dtype, width, devices, th
         devices=devices,
         first=first,
         gflop=gflop,
+        gbytes=gbytes,
         mem=_peak_mb(),
         profile=profile,
         run=run,
@@ -412,7 +427,7 @@ def main(argv):
         if r["objective"] == "observed" and r["width"] == 1 and r["devices"] == 1:
             single.setdefault((r["spec"], r["dtype"]), r)
     reference = next((r["its"] for r in rows if "PyTorch" in r["objective"]), None)
-    peak32, peak16 = _matmul_gflops(jnp.float32), _matmul_gflops(jnp.bfloat16)
+    peak32, peak16, stream = _matmul_gflops(jnp.float32), _matmul_gflops(jnp.bfloat16), _stream_gbs()
 
     def cell(r, key, fmt):
         return "–" if r.get(key) is None else format(r[key], fmt)
@@ -430,6 +445,8 @@ def main(argv):
             "× PyTorch eager",
             "GFLOP/it",
             "GFLOP/s",
+            "GB/it",
+            "GB/s",
             "compile s",
             "peak MB",
         ],
@@ -446,6 +463,8 @@ def main(argv):
                 f"{r['agg'] / reference:.2f}x" if reference else "–",
                 cell(r, "gflop", ".2f"),
                 "–" if r.get("gflop") is None else f"{r['gflop'] * r['agg'] / r['width']:.0f}",
+                cell(r, "gbytes", ".2f"),
+                "–" if r.get("gbytes") is None else f"{r['gbytes'] * r['agg'] / r['width']:.0f}",
                 cell(r, "compile", ".1f"),
                 cell(r, "mem", ".0f"),
             ]
@@ -459,7 +478,11 @@ def main(argv):
         "",
         *table,
         "",
-        f"Dense 2048x2048 matmul peak: fp32 {peak32:.0f} GFLOP/s; bf16 inputs, fp32 accumulation {peak16:.0f} GFLOP/s.",
+        f"Dense 2048x2048 matmul peak: fp32 {peak32:.0f} GFLOP/s; bf16 inputs, fp32 accumulation {peak16:.0f} GFLOP/s. "
+        "Memory bandwidth of elementwise passes (x <- a x + b over 256 MB, read and written, 8 passes in one "
+        f"program): {stream:.1f} GB/s. "
+        "GB/it is XLA's count of bytes its operations read and write per iteration (cost analysis, after fusion; "
+        "it counts cached reads too, so GB/it over that bandwidth is a rough floor, not a bound).",
         profile_line(model, variables, by_spec[first_spec], y) if first_objective == "observed" else "",
         *notes,
     ]

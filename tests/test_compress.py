@@ -191,6 +191,9 @@ def test_powersgd_invariants_property(n, m, extra, rank, seed):
     if compressed:
         ph = np.asarray(msg["a"].p_hat)
         np.testing.assert_allclose(ph.T @ ph, np.eye(r), atol=1e-4)
+        # One worker: the update is the sent message decompressed (from_matrix(P_hat Q^T), the matrix view),
+        # which the step computes in the kernel layout instead.
+        np.testing.assert_allclose(np.asarray(avg["a"]), np.asarray(msg["a"].dense()), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("spec", ["randomk:0.2", "qsgd:8", "signsgd"])
