@@ -610,7 +610,7 @@ def dummy_features(grads, msg, objective: str) -> list:
     return out
 
 
-def topk_support_penalty(grads, msg, dummy_feats, target_feats, objective: str) -> jax.Array:
+def topk_support_penalty(grads, msg, dummy_feats, target_feats) -> jax.Array:
     """What Top-K's selection reveals: every unsent entry is at most the smallest sent one.
 
     With the dummy gradient scaled so that its features have the norm of the
@@ -620,24 +620,18 @@ def topk_support_penalty(grads, msg, dummy_feats, target_feats, objective: str) 
     sent entries are those of g + e, so it is approximate there. The
     rectifier needs every entry, so a `Factored` tensor is formed here (once
     per Top-K tensor, as the explicit route of the observed cosine does).
-    Where the objective's features already are the sent entries (its
-    ``gather`` view), they are used, not gathered again: each gather's
-    derivative writes a weight-sized scatter.
     """
-    leaves = zip(_grad_list(grads), message_leaves(msg), dummy_feats, strict=True)
-    sparse = [(g, m, f if _view(m, objective) == "gather" else None) for g, m, f in leaves if _top_k(m)]
+    sparse = [(g, m) for g, m in zip(_grad_list(grads), message_leaves(msg), strict=True) if _top_k(m)]
     if not sparse:
         return jnp.zeros(())
     sent = sum(sqnorm(t) for t in target_feats)
     scale = jnp.sqrt(sent / jnp.maximum(sum(sqnorm(d) for d in dummy_feats), 1e-30))
     total = jnp.zeros(())
-    for g, m, sent_entries in sparse:
+    for g, m in sparse:
         tau = jnp.min(jnp.abs(m.values))
-        dense = (g.dense(m.shape) if isinstance(g, Factored) else g).reshape(-1)
-        if sent_entries is None:
-            sent_entries = dense[m.indices]
-        every = jax.nn.relu(jnp.abs(dense) * scale - tau)
-        sent_ones = jax.nn.relu(jnp.abs(sent_entries) * scale - tau)
+        dense = g.dense(m.shape) if isinstance(g, Factored) else g
+        magnitude = jnp.abs(dense.reshape(-1)) * scale
+        every, sent_ones = jax.nn.relu(magnitude - tau), jax.nn.relu(magnitude[m.indices] - tau)
         # The sum over unsent entries as (all entries) - (the k sent ones; Top-K's indices are distinct): no
         # scatter into a copy of G's 11.2M entries (ResNet-18) and none in the derivative. Value and input gradient
         # of `sent_coordinates` took 192 instead of 215 ms here (interleaved, 2-core CPU, 2026-12-03).
@@ -754,7 +748,7 @@ def matching_loss(
         d = dummy_features(grads, msg, objective)
         out = cosine_distance(d, target, weights) + BN_MISMATCH_WEIGHT * mismatch
         if objective in ("sent_coordinates", "cosine_support"):
-            out = out + topk_support_penalty(grads, msg, d, target, objective)
+            out = out + topk_support_penalty(grads, msg, d, target)
         if objective == "factors_residual":
             out = out + powersgd_residual(grads, msg, d)
         return out
