@@ -25,9 +25,10 @@ Rows (all in one run, on this machine):
 row, "GFLOP/s" the rate achieved, to set against the dense-matmul peaks
 printed below the table (fp32, and bf16 inputs with fp32 accumulation);
 "GB/it" the bytes its fused operations read and write by the same count,
-"GB/s" their rate, to set against the memory bandwidth of one elementwise
-pass, printed there too. A profile line splits one fp32 observed iteration into the model's forward and
-backward (the dummy gradient), the second backward through it, and the rest;
+"GB/s" their rate, to set against the memory bandwidth of elementwise
+passes, printed there too. A profile line splits one fp32 observed
+iteration into the model's forward and backward (the dummy gradient), the
+second backward through it, and the rest;
 with ``--op_profile`` each fp32 one-device row is traced once more and split
 per kind of XLA operation (matmuls, elementwise, data movement, ...,
 `experiments.op_profile`), with how busy the threads were.
