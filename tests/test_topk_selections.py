@@ -1,11 +1,11 @@
-"""The exact alternatives that experiments/bench_topk_select times pick the same entries as lax.top_k."""
+"""The exact alternatives to lax.top_k that experiments/bench_topk_select times pick the same entries."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import bench_topk_select as bench
+from experiments import topk_selections as bench
 
 
 @pytest.mark.parametrize("pick", [bench.two_stage, bench.threshold_first], ids=["two_stage", "threshold_first"])
