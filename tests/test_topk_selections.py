@@ -8,7 +8,9 @@ import pytest
 from experiments import topk_selections
 
 
-@pytest.mark.parametrize("pick", [topk_selections.two_stage, topk_selections.threshold_first], ids=["two_stage", "threshold_first"])
+@pytest.mark.parametrize(
+    "pick", [topk_selections.two_stage, topk_selections.threshold_first], ids=["two_stage", "threshold_first"]
+)
 @pytest.mark.parametrize("case", ["continuous", "ties", "heavy_tail"])
 def test_alternative_selection_sends_the_entries_of_lax_top_k(pick, case):
     n, k = 200_000, 700
