@@ -8,11 +8,33 @@
 one and the compression-aware objectives) as candidates and record each
 candidate's SSIM, so one unit gives the observed, adaptive and strongest
 columns of Table 1.
+* ``table1``: the committed ``results/table1`` grid: ResNet-18 at
+  initialisation, the paper's 11 configurations x 3 datasets, the same 4
+  images per dataset (one unit each), eval mode, N = 4, local BatchNorm,
+  ``strongest`` without the two candidates that never won a ResNet-18 cell
+  (factors_residual, cosine_support), 1,000 iterations. Its other stages
+  (train-mode controls, the trained victim, the budget, the seed spread)
+  are flags on top (docs/experiments.md).
 * ``paper``: the seed paper's scale (ResNet-18, 24,000 iterations, 16
   shadow models on 20,000-image pools), meant for a GPU.
 """
 
 from __future__ import annotations
+
+# The seed paper's 11 configurations: SGD, PowerSGD ranks and Top-K at the matching levels (same wire size).
+PAPER_COMPRESSORS = [
+    "none",
+    "powersgd:1",
+    "powersgd:2",
+    "powersgd:4",
+    "powersgd:30",
+    "powersgd:50",
+    "topk_level:1",
+    "topk_level:2",
+    "topk_level:4",
+    "topk_level:30",
+    "topk_level:50",
+]
 
 PRESETS: dict[str, dict] = {
     "tiny": dict(
@@ -54,6 +76,20 @@ PRESETS: dict[str, dict] = {
         mia_population=200,
         mia_snapshots=[50],
         mia_budgets=[1, 2, 4],
+    ),
+    "table1": dict(
+        datasets=["cifar10", "mnist", "cifar100"],
+        compressors=PAPER_COMPRESSORS,
+        threat_models=["strongest"],
+        strongest_exclude=["factors_residual", "cosine_support"],
+        images=4,
+        group=1,
+        iterations=1000,
+        restarts=1,
+        model="resnet18",
+        workers=4,
+        bn_statistics=["eval"],
+        mia=False,
     ),
     "paper": dict(
         datasets=["cifar10", "cifar100", "mnist"],

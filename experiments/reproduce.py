@@ -58,7 +58,7 @@ from trustsgd_jax import compress, data, models, results, train  # noqa: E402
 from trustsgd_jax.attacks import gradinv, membership, objectives, shadows, victim  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("preset", "quick", list(PRESETS), "flag defaults: tiny (tests), quick (CPU), paper")
+flags.DEFINE_enum("preset", "quick", list(PRESETS), "flag defaults: tiny (tests), quick (CPU), table1, paper")
 flags.DEFINE_list("datasets", None, "datasets, e.g. mnist,cifar10,cifar100")
 flags.DEFINE_list("compressors", None, "compressor specs, e.g. none,powersgd:1,topk_level:1")
 flags.DEFINE_list("threat_models", None, "observed, adaptive and/or strongest (gradinv.THREATS)")
@@ -68,6 +68,18 @@ flags.DEFINE_integer("group", None, "victim batches attacked together in one pro
 flags.DEFINE_integer("iterations", None, "attack iterations")
 flags.DEFINE_integer("restarts", None, "attack restarts")
 flags.DEFINE_float("tv", 1e-4, "total-variation weight")
+flags.DEFINE_list(
+    "strongest_exclude",
+    [],
+    "objectives the strongest attacker does not run (a cut for time, e.g. factors_residual,cosine_support); "
+    "recorded in each unit",
+)
+flags.DEFINE_integer(
+    "attack_seed",
+    None,
+    "seed of the attack's initial noise when it should differ from --seed (trajectory spread); the model and the "
+    "images still follow --seed",
+)
 flags.DEFINE_integer("workers", None, "data-parallel workers N in the attacked round (the victim is worker 0)")
 flags.DEFINE_enum(
     "batchnorm",
@@ -150,6 +162,7 @@ flags.DEFINE_integer(
     "each attack runs on one device, and fewer simulated devices make it faster on a small CPU)",
 )
 flags.DEFINE_bool("progress", True, "progress bars")
+flags.DEFINE_bool("dry_run", False, "plan the units, print their count and expected duration, run nothing")
 flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-host)")
 flags.DEFINE_integer("num_processes", 1, "processes (multi-host)")
 flags.DEFINE_integer("process_id", 0, "this process (multi-host)")
@@ -184,6 +197,8 @@ SETTING_FIELDS = {
         "attack_step",
         "train_batch",
         "matmul_dtype",
+        "strongest_exclude",
+        "attack_seed",
     ),
     "mia": (
         "model",
@@ -230,9 +245,14 @@ def apply_preset():
         FLAGS.group = max(1, FLAGS.images // FLAGS.victim_batch)
 
 
+CODE_REVISION = results.code_revision()
+# What a finished record adds to its unit's fields; none of it enters the key.
+OUTPUT_FIELDS = ("key", "seconds", "code_revision", "devices")
+
+
 def unit_key(record: dict) -> str:
     """A hash of everything a unit reads: its whole record (less the key itself)."""
-    fields = {k: v for k, v in record.items() if k != "key"}
+    fields = {k: v for k, v in record.items() if k not in OUTPUT_FIELDS}
     # Values from before these options existed: those units keep their keys.
     if fields.get("mia_query_views") == "flip":
         del fields["mia_query_views"]
@@ -411,6 +431,11 @@ def plan_units(datasets, done_records) -> list[dict]:
                             train_batch=FLAGS.batch_size if FLAGS.attack_step > 0 else None,
                             matmul_dtype=FLAGS.matmul_dtype,
                         )
+                        # Fields that exist only when set, so units from before them keep their keys.
+                        if threat == "strongest" and FLAGS.strongest_exclude:
+                            setting["strongest_exclude"] = sorted(FLAGS.strongest_exclude)
+                        if FLAGS.attack_seed is not None:
+                            setting["attack_seed"] = FLAGS.attack_seed
                         done = covered.get(setting_key(setting), set())
                         todo = [b for b in batches if tuple(b[0]) not in done]
                         for g in range(0, len(todo), FLAGS.group):
@@ -445,6 +470,52 @@ def plan_units(datasets, done_records) -> list[dict]:
     for u in units:
         u["key"] = unit_key(u)
     return units
+
+
+# Seconds per image of a ResNet-18 gradinv unit at 1,000 iterations, eval mode, N = 4, one image per unit, warm
+# compilation cache, this 2-core CPU, all strongest candidates (results/resnet18_speed_job): the estimate's fallback
+# before a workdir has measured units of its own. A candidate fewer costs proportionally less.
+MEASURED_SECONDS = {("resnet18", "none"): 106.0, ("resnet18", "powersgd"): 248.0, ("resnet18", "topk_level"): 368.0}
+
+
+def expected_seconds(todo: list[dict], done_records: list[dict]) -> tuple[float, int]:
+    """(expected seconds of `todo`, how many of its units had no estimate), from measured unit times.
+
+    A unit's estimate is the median ``seconds`` of the finished units of the
+    same model, compressor, threat, BatchNorm mode, iterations and images per
+    unit; else `MEASURED_SECONDS` scaled by iterations and images.
+    """
+
+    def shape(u):
+        return (
+            u.get("model"),
+            u.get("compressor"),
+            u.get("threat"),
+            u.get("bn_statistics"),
+            u.get("iterations"),
+            len(sum(u.get("victim_ids", []), [])),
+            u.get("attack_step"),
+        )
+
+    measured: dict = {}
+    for r in done_records:
+        if r.get("kind") == "gradinv" and r.get("seconds"):
+            measured.setdefault(shape(r), []).append(r["seconds"])
+    total, unknown = 0.0, 0
+    for u in todo:
+        if shape(u) in measured:
+            total += float(np.median(measured[shape(u)]))
+            continue
+        base = MEASURED_SECONDS.get((u.get("model"), u.get("compressor", "").partition(":")[0]))
+        if u.get("kind") != "gradinv" or base is None:
+            unknown += 1
+            continue
+        kind = u["compressor"].partition(":")[0]
+        # The measured units ran observed + 2 compression-aware candidates; each excluded one costs its share less.
+        dropped = {"powersgd": {"factors_residual"}, "topk_level": {"cosine_support"}}.get(kind, set())
+        share = 1 - len(dropped & set(u.get("strongest_exclude", ()))) / 3 if kind != "none" else 1
+        total += base * share * u["iterations"] / 1000 * len(sum(u["victim_ids"], []))
+    return total, unknown
 
 
 def check_one_setting(units, done_records, results_path) -> None:
@@ -569,6 +640,19 @@ def main(argv):
         f"{workdir}; {jax.local_device_count()} local {jax.default_backend().upper()} devices",
         flush=True,
     )
+    seconds, unknown = expected_seconds(todo, done_records)
+    print(
+        f"expected duration: {seconds / 3600:.1f} h from measured unit times"
+        + (f" (+ {unknown} units with no measured time)" if unknown else ""),
+        flush=True,
+    )
+    if FLAGS.dry_run:
+        for u in todo:
+            print(
+                f"  {u['key']} {u['kind']} {u['dataset']} {u.get('compressor')} {u.get('threat', '')} "
+                f"{u.get('bn_statistics', '')} images {sum(u.get('victim_ids', []), [])}"
+            )
+        return 0
     bar = tqdm(total=len(todo), desc="units", unit="unit", dynamic_ncols=True, disable=not (FLAGS.progress and is_main))
     for u in todo:
         t0 = time.time()
@@ -578,6 +662,9 @@ def main(argv):
             # Wall seconds of the unit on this process (victim round, compiling, every candidate, scoring): for
             # sizing a run from measured throughput. Not a setting field: a resumed workdir may mix machines.
             record["seconds"] = round(time.time() - t0, 1)
+            # Outputs, not inputs (the key ignores them): which code and how many devices produced this record.
+            record["code_revision"] = CODE_REVISION
+            record["devices"] = jax.device_count()
             line = (
                 f"{u['dataset']} {u['compressor']} {u['threat']} {u['bn_statistics']}-mode {u['observer']} "
                 f"images {sum(u['victim_ids'], [])}: SSIM {np.mean(record['ssim']):.3f} "
@@ -591,6 +678,8 @@ def main(argv):
                 f"MIA {u['dataset']} {u['compressor']}: loss AUC {t['loss']['auc']:.3f}, LiRA TPR@1%FPR "
                 f"{t.get('lira_online', t['loss'])['tpr@1%fpr']:.3f}, test acc {record['test_accuracy']:.3f}"
             )
+            record["code_revision"] = CODE_REVISION
+            record["devices"] = jax.device_count()
             if is_main:  # every process trained it together; one records it
                 results.append_record(results_path, record)
         bar.write(f"{line}  ({time.time() - t0:.0f}s)" if num_processes == 1 else f"[process {process_id}] {line}")
@@ -636,7 +725,8 @@ def run_gradinv_unit(u: dict, ds: data.Dataset, workdir: pathlib.Path, progress:
         matmul_dtype=u["matmul_dtype"],
         # The whole unit in one program: its batches and restarts, and every candidate objective side by side.
         parallel=n * u["restarts"] * 2 * len(objectives.OBJECTIVES),  # each objective with and without +bn
-        seed=u["seed"],
+        seed=u.get("attack_seed", u["seed"]),
+        exclude=tuple(u.get("strongest_exclude", ())),
     )
     r = gradinv.audit(
         model,

@@ -14,17 +14,46 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
 import os
 import pathlib
+import subprocess
 import tempfile
 from typing import Any, NamedTuple
 
 
 class ResultsError(RuntimeError):
     pass
+
+
+def code_revision() -> str:
+    """The code a record came from: ``git:<commit>`` (``+dirty`` if the package or programs differ from it).
+
+    Outside a git checkout (an installed wheel), ``sha1:<hash>`` of the
+    package's source files, so two records of equal revision ran equal code.
+    """
+    package = pathlib.Path(__file__).resolve().parent
+    root = package.parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=30
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--", "trustsgd_jax", "experiments"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        ).stdout.strip()
+        return f"git:{commit}" + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        digest = hashlib.sha1()
+        for f in sorted(package.rglob("*.py")):
+            digest.update(f.relative_to(package).as_posix().encode() + b"\0" + f.read_bytes())
+        return f"sha1:{digest.hexdigest()[:16]}"
 
 
 def _clean(x: Any) -> Any:
