@@ -1,7 +1,7 @@
 r"""Score finished MIA units again, from their kept per-example scores: other options, no retraining.
 
-    python -m experiments.mia_rescore --workdir=experiments/mia_refs16
-    python -m experiments.mia_rescore --workdir=experiments/mia_refs16 --rmia_gammas=1,2,4 --rmia_offline_a=1
+    python -m experiments.mia_rescore --workdir=results/mia_refs16
+    python -m experiments.mia_rescore --workdir=results/mia_refs16 --rmia_gammas=1,2,4 --rmia_offline_a=1
 
 `experiments.reproduce` keeps, beside each MIA unit's record, the final
 models' scores on the evaluation set and the population
