@@ -18,6 +18,7 @@ how attacks apply the model.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Sequence
 
@@ -27,6 +28,45 @@ import jax.numpy as jnp
 
 NORMS = ("batch", "batch_local", "group", "none")
 CONV_IMPLS = ("xla", "patches", "patches_bf16")
+# A data-parallel round's normalisation, as the user names it (`BatchNormSetting`).
+MODEL_NORMS = ("batch", "group", "none")
+BATCHNORM_SYNC = ("local", "sync")
+BN_STATISTICS = ("train", "eval")
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchNormSetting:
+    """How one data-parallel round normalises: the one typed value behind every BatchNorm option.
+
+    * ``norm``: the model's normalisation, ``batch`` (BatchNorm), ``group``
+      (GroupNorm) or ``none``: the controls without batch statistics.
+    * ``sync``: BatchNorm's synchronisation, ``local`` (PyTorch DDP's
+      default: each worker normalises by its own batch, and DDP broadcasts
+      worker 0's running buffers every step) or ``sync`` (SyncBatchNorm:
+      statistics all-reduced, an uncompressed second channel).
+    * ``statistics``: ``train`` (batch statistics: what training sends) or
+      ``eval`` (running averages: Geiping et al.'s setting, the literature's).
+
+    Validated once, here; a bad value is a one-line ValueError naming the choices.
+    """
+
+    norm: str = "batch"
+    sync: str = "local"
+    statistics: str = "train"
+
+    def __post_init__(self) -> None:
+        for field, value, choices in (
+            ("norm", self.norm, MODEL_NORMS),
+            ("sync", self.sync, BATCHNORM_SYNC),
+            ("statistics", self.statistics, BN_STATISTICS),
+        ):
+            if value not in choices:
+                raise ValueError(f"unknown BatchNorm {field} {value!r}; use one of {', '.join(choices)}.")
+
+    @property
+    def has_batch_statistics(self) -> bool:
+        """Whether the round's message depends on batch statistics (BatchNorm in train mode)."""
+        return self.norm == "batch" and self.statistics == "train"
 
 
 def im2col(x, kernel_size, strides, padding):
