@@ -1,0 +1,358 @@
+r"""The Table 1 study's report: table, paired verdicts, Figure 1, from the records of ``results/table1``.
+
+    python -m experiments.table1 --study=results/table1
+
+The study is several workdirs of `experiments.reproduce`, one setting each
+(docs/studies/table1.md): ``init`` (ResNet-18 at initialisation, the 33 eval
+cells and the train-mode SGD controls), ``trained`` (CIFAR-10 victims after
+their own N-worker runs), ``seeds/*`` (the same cell with other attack
+noise), ``budget`` (long runs with in-run checkpoints). This program reads
+every ``results.jsonl`` under the study and writes, beside them:
+
+* ``table1.md`` / ``table1.csv``: per dataset, victim, BatchNorm mode,
+  attacker and configuration the mean SSIM over images with its 95% t
+  interval and n, the paper's value, and the code revisions the cell came
+  from (a cell from more than one revision is flagged);
+* ``claims.csv`` / ``claims.md``: the paper's claims as paired verdicts
+  (`experiments.claims`);
+* ``figure1_observed.png`` / ``figure1_strongest.png``: per dataset one
+  image and its reconstruction under every configuration.
+
+Attackers: ``observed`` is the paper's (cosine on the decompressed message),
+read from a ``strongest`` unit's observed candidate or an ``observed`` unit;
+``strongest`` is the reconstruction the strongest attacker keeps without
+looking at the original (lowest consistency loss over its candidates).
+"""
+
+from __future__ import annotations
+
+import math
+import pathlib
+from collections import defaultdict
+
+import numpy as np
+
+from experiments import claims, paper_values
+from trustsgd_jax import results
+
+ATTACKERS = ("observed", "strongest")
+DATASETS = ("mnist", "cifar10", "cifar100")
+CONFIGS = (
+    "none",
+    "powersgd:1",
+    "powersgd:2",
+    "powersgd:4",
+    "powersgd:30",
+    "powersgd:50",
+    "topk_level:1",
+    "topk_level:2",
+    "topk_level:4",
+    "topk_level:30",
+    "topk_level:50",
+)
+RANKS = (1, 2, 4, 30, 50)
+# "Near zero": a reconstruction whose SSIM with the original stays below this shows no recognisable structure (the
+# train-mode controls, where nothing is recovered, score -0.01..0.05). The claim holds where the interval of the
+# cell's mean SSIM lies below it.
+NEAR_ZERO = 0.1
+
+
+def victim_label(r: dict) -> str:
+    step = r.get("attack_step", 0)
+    return "init" if not step else f"step {step}"
+
+
+def bn_label(r: dict) -> str:
+    return f"{r.get('batchnorm', 'sync')}-{r['bn_statistics']}"
+
+
+def attacker_scores(r: dict) -> dict[str, list[float]]:
+    """Per-image SSIM of each attacker this record gives (observed, strongest)."""
+    out = {}
+    if r["threat"] == "strongest":
+        out["strongest"] = r["ssim"]
+        if "observed" in r.get("candidate_ssim", {}):
+            out["observed"] = r["candidate_ssim"]["observed"]
+    elif r["threat"] == "observed":
+        out["observed"] = r["ssim"]
+    return out
+
+
+def read_study(study: pathlib.Path) -> dict[str, list[dict]]:
+    """{workdir relative to the study: its gradinv records}; each record's ``recon`` made relative to the study."""
+    out = {}
+    for path in sorted(study.rglob("results.jsonl")):
+        workdir = path.parent.relative_to(study)
+        records = [
+            dict(r, recon=str(workdir / r["recon"])) if r.get("recon") else r
+            for r in results.read_records(path).records
+            if r.get("kind") == "gradinv"
+        ]
+        if records:
+            out[str(workdir)] = records
+    return out
+
+
+def cells(records: list[dict]) -> dict[tuple, dict]:
+    """{(dataset, victim, bn_mode, attacker, compressor): {"ssim": {image: value}, "revisions": set, ...}}."""
+    out: dict[tuple, dict] = defaultdict(lambda: {"ssim": {}, "revisions": set(), "devices": set(), "records": []})
+    for r in records:
+        for attacker, values in attacker_scores(r).items():
+            cell = out[(r["dataset"], victim_label(r), bn_label(r), attacker, r["compressor"])]
+            for image, value in zip(r["image_ids"], values, strict=True):
+                cell["ssim"][int(image)] = float(value)
+            cell["revisions"].add(r.get("code_revision", "unknown"))
+            cell["devices"].add(r.get("devices", "unknown"))
+            cell["records"].append(r)
+    return dict(out)
+
+
+def mixed_revisions(cell_map: dict[tuple, dict]) -> list[tuple]:
+    """The cells whose records come from more than one code revision (or an unrecorded one)."""
+    return [k for k, c in cell_map.items() if len(c["revisions"]) > 1 or "unknown" in c["revisions"]]
+
+
+def table_rows(cell_map: dict[tuple, dict]) -> list[dict]:
+    rows = []
+    for (dataset, victim, bn, attacker, spec), c in sorted(cell_map.items(), key=_cell_order):
+        iv = claims.mean_interval(list(c["ssim"].values()))
+        paper = paper_values.TABLE1.get(dataset, {}).get(spec, (math.nan, math.nan))
+        rows.append(
+            dict(
+                dataset=dataset,
+                victim=victim,
+                bn_mode=bn,
+                attacker=attacker,
+                configuration=spec,
+                model=c["records"][0].get("model", "?"),
+                n=iv.n,
+                mean=iv.mean,
+                lo=iv.lo,
+                hi=iv.hi,
+                paper_mean=paper[0],
+                paper_std=paper[1],
+                revisions=len(c["revisions"]),
+                mixed=len(c["revisions"]) > 1 or "unknown" in c["revisions"],
+            )
+        )
+    return rows
+
+
+def _cell_order(item) -> tuple:
+    dataset, victim, bn, attacker, spec = item[0]
+    d = DATASETS.index(dataset) if dataset in DATASETS else len(DATASETS)
+    s = CONFIGS.index(spec) if spec in CONFIGS else len(CONFIGS)
+    return (victim != "init", victim, bn, d, dataset, ATTACKERS.index(attacker), s, spec)
+
+
+def claim_rows(cell_map: dict[tuple, dict]) -> list[dict]:
+    """Every claim of the paper, per (dataset, victim, BatchNorm mode, attacker), where both cells exist."""
+    settings = sorted({k[:4] for k in cell_map}, key=lambda k: (k[1], k[2], k[0], k[3]))
+    rows = []
+    for dataset, victim, bn, attacker in settings:
+        info = dict(dataset=dataset, victim=victim, bn_mode=bn, attacker=attacker)
+
+        def ssim(spec, key=(dataset, victim, bn, attacker)):
+            cell = cell_map.get((*key, spec))
+            return None if cell is None else cell["ssim"]
+
+        def pair(claim, a, b, info=info):
+            sa, sb = ssim(a), ssim(b)
+            if sa is not None and sb is not None:
+                rows.append(claims.claim_row(claim, info, a, b, claims.paired_interval(sa, sb)))
+
+        for spec in CONFIGS[1:]:
+            pair("SGD leaks more than the compressor", "none", spec)
+        for low, high in [*zip(RANKS, RANKS[1:]), (RANKS[0], RANKS[-1])]:
+            pair("PowerSGD leakage grows with rank", f"powersgd:{high}", f"powersgd:{low}")
+        for r in RANKS:
+            pair("Top-K leaks less than PowerSGD at the same wire size", f"powersgd:{r}", f"topk_level:{r}")
+        for spec in CONFIGS[1:]:
+            sb = ssim(spec)
+            if sb is not None:
+                bound = {i: NEAR_ZERO for i in sb}
+                iv = claims.paired_interval(bound, sb)
+                rows.append(
+                    claims.claim_row("compression reduces SSIM to near zero", info, f"SSIM {NEAR_ZERO}", spec, iv)
+                )
+    # MNIST against each CIFAR: different images, so Welch's unpaired interval, per configuration.
+    for victim, bn, attacker in sorted({(k[1], k[2], k[3]) for k in cell_map}):
+        for other in ("cifar10", "cifar100"):
+            for spec in CONFIGS:
+                ca, cb = (
+                    cell_map.get(("mnist", victim, bn, attacker, spec)),
+                    cell_map.get((other, victim, bn, attacker, spec)),
+                )
+                if ca is None or cb is None:
+                    continue
+                iv = claims.welch_interval(list(ca["ssim"].values()), list(cb["ssim"].values()))
+                info = dict(dataset=f"mnist vs {other} (unpaired)", victim=victim, bn_mode=bn, attacker=attacker)
+                rows.append(
+                    claims.claim_row("MNIST leaks more than CIFAR", info, f"mnist {spec}", f"{other} {spec}", iv)
+                )
+    return rows
+
+
+def _f(v: float, fmt: str = ".3f") -> str:
+    return "-" if not math.isfinite(v) else format(v, fmt)
+
+
+def table_markdown(rows: list[dict]) -> str:
+    lines = []
+    for setting in sorted(
+        {(r["victim"], r["bn_mode"], r["attacker"]) for r in rows}, key=lambda s: (s[0] != "init", s)
+    ):
+        victim, bn, attacker = setting
+        sub = [r for r in rows if (r["victim"], r["bn_mode"], r["attacker"]) == setting]
+        datasets = [d for d in DATASETS if any(r["dataset"] == d for r in sub)]
+        model = sub[0]["model"]
+        lines += [f"### {model}, victim {victim}, BatchNorm {bn}, attacker {attacker}", ""]
+        lines.append("| configuration | " + " | ".join(f"{d}: SSIM [95% CI] (n) | paper" for d in datasets) + " |")
+        lines.append("|---|" + "---|---|" * len(datasets))
+        for spec in CONFIGS:
+            cells_ = []
+            for d in datasets:
+                r = next((r for r in sub if r["dataset"] == d and r["configuration"] == spec), None)
+                if r is None:
+                    cells_ += ["-", _f(paper_values.TABLE1.get(d, {}).get(spec, (math.nan,))[0], ".4f")]
+                    continue
+                flag = " (mixed revisions)" if r["mixed"] else ""
+                cells_ += [
+                    f"{_f(r['mean'])} [{_f(r['lo'])}, {_f(r['hi'])}] ({r['n']}){flag}",
+                    _f(r["paper_mean"], ".4f"),
+                ]
+            if any(c != "-" for c in cells_[::2]):
+                lines.append(f"| {spec} | " + " | ".join(cells_) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def claims_markdown(rows: list[dict], mixed: list[tuple]) -> str:
+    out = [
+        "# Table 1: the paper's claims as paired verdicts",
+        "",
+        f"Each row: the mean per-image SSIM difference a - b over the images attacked in both cells, its 95% "
+        f"Student-t interval, and the verdict (holds: interval above 0; contradicted: below 0; undecided: contains "
+        f"0). 'Near zero' tests the cell's SSIM against {NEAR_ZERO}. 'MNIST leaks more than CIFAR' compares "
+        "different images, so its interval is Welch's (unpaired). Attackers are never mixed.",
+        "",
+        "## Summary",
+        "",
+        "| claim | attacker | holds | contradicted | undecided |",
+        "|---|---|---|---|---|",
+    ]
+    for (claim, attacker), counts in sorted(claims.tally(rows).items()):
+        out.append(f"| {claim} | {attacker} | {counts['holds']} | {counts['contradicted']} | {counts['undecided']} |")
+    out += ["", "## Every verdict", "", claims.markdown_table(rows), ""]
+    if mixed:
+        out += ["## Cells from more than one code revision", ""]
+        out += [f"- {' / '.join(map(str, k))}" for k in mixed]
+        out.append("")
+    return "\n".join(out)
+
+
+def figure1(cell_map: dict[tuple, dict], study: pathlib.Path, attacker: str, path: pathlib.Path) -> bool:
+    """Per dataset one row: the first image's original and its reconstruction under each configuration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = []
+    for d in DATASETS:
+        found = {}
+        for spec in CONFIGS:
+            c = cell_map.get((d, "init", "local-eval", attacker, spec))
+            if not c:
+                continue
+            r = min(c["records"], key=lambda r: r["image_ids"][0])
+            with np.load(study / r["recon"]) as z:
+                rec = z["reconstructions"] if attacker == "strongest" else z["candidate_observed"]
+                found[spec] = (z["originals"][0], rec[0], r["ssim"][0] if attacker == "strongest" else None)
+        if found:
+            rows.append((d, found))
+    if not rows:
+        return False
+    fig, axes = plt.subplots(len(rows), len(CONFIGS) + 1, figsize=(1.3 * (len(CONFIGS) + 1), 1.5 * len(rows)))
+    axes = np.atleast_2d(axes)
+    for i, (d, found) in enumerate(rows):
+        original = next(iter(found.values()))[0]
+        axes[i, 0].imshow(original.squeeze(), cmap="gray" if original.shape[-1] == 1 else None)
+        axes[i, 0].set_title(f"{d}\noriginal", fontsize=7)
+        for j, spec in enumerate(CONFIGS, start=1):
+            if spec in found:
+                img = found[spec][1]
+                axes[i, j].imshow(img.squeeze(), cmap="gray" if img.shape[-1] == 1 else None)
+            axes[i, j].set_title(spec.replace("topk_level", "top-k").replace("powersgd", "psgd"), fontsize=7)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.suptitle(f"ResNet-18 at initialisation, eval mode, N = 4, attacker: {attacker}", fontsize=9)
+    results.save_figure(fig, path)
+    plt.close(fig)
+    return True
+
+
+def write_study_report(study: pathlib.Path) -> list[pathlib.Path]:
+    # The table's cells: every workdir but the seed reruns and the budget runs (reported apart).
+    by_workdir = read_study(study)
+    main_records = [r for wd, recs in by_workdir.items() if not wd.startswith(("seeds", "budget")) for r in recs]
+    cell_map = cells(main_records)
+    rows = table_rows(cell_map)
+    claim = claim_rows(cell_map)
+    written = []
+    for name, text in (
+        (
+            "table1.md",
+            "# Table 1 (SSIM, mean over the same images per dataset)\n\n" + table_markdown(rows),
+        ),
+        ("claims.md", claims_markdown(claim, mixed_revisions(cell_map))),
+        ("claims.csv", claims.csv_text(claim)),
+    ):
+        results.write_atomic(study / name, text)
+        written.append(study / name)
+    results.write_atomic(study / "table1.csv", _rows_csv(rows))
+    written.append(study / "table1.csv")
+    for attacker in ATTACKERS:
+        path = study / f"figure1_{attacker}.png"
+        if figure1(cell_map, study, attacker, path):
+            written.append(path)
+    results.write_json(study / "table1_rows.json", rows)
+    return written
+
+
+def _rows_csv(rows: list[dict]) -> str:
+    keys = [
+        "dataset",
+        "victim",
+        "bn_mode",
+        "attacker",
+        "configuration",
+        "n",
+        "mean",
+        "lo",
+        "hi",
+        "paper_mean",
+        "paper_std",
+        "revisions",
+        "mixed",
+    ]
+    lines = [",".join(keys)]
+    for r in rows:
+        lines.append(",".join(f"{r[k]:.4f}" if isinstance(r[k], float) else str(r[k]) for k in keys))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv) -> None:
+    del argv
+    from absl import flags
+
+    study = pathlib.Path(flags.FLAGS.study)
+    for p in write_study_report(study):
+        print(p)
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    flags.DEFINE_string("study", "results/table1", "the study folder (workdirs of experiments.reproduce beneath it)")
+    app.run(main)
