@@ -28,3 +28,19 @@ def test_roc_points_auc_and_tpr_by_hand():
     assert acc == pytest.approx((1 + 2 / 3) / 2) and thr == 0.6
     assert metrics.balanced_accuracy_at(s, m, 0.6) == pytest.approx((1 + 2 / 3) / 2)
     assert metrics.balanced_accuracy_at(s, m, 0.85) == pytest.approx((1 / 3 + 1) / 2)  # one member above, no non-member
+
+
+def test_affine_invariant_ssim_separates_lost_brightness_from_nothing():
+    import numpy as np
+
+    from trustsgd_jax import metrics
+
+    rng = np.random.default_rng(0)
+    x = rng.random((3, 16, 16, 3)).astype(np.float32)
+    dimmed = 0.3 * x + 0.5  # structure kept, brightness and contrast lost
+    noise = rng.random((3, 16, 16, 3)).astype(np.float32)
+    assert np.all(metrics.ssim(x, dimmed) < 0.9)
+    np.testing.assert_allclose(metrics.affine_invariant_ssim(x, dimmed), 1.0, atol=1e-4)
+    assert np.all(metrics.affine_invariant_ssim(x, noise) < 0.2)
+    flat = np.full_like(x, 0.7)  # a constant reconstruction: the fit gives the original's mean, not a crash
+    assert np.all(np.isfinite(metrics.affine_invariant_ssim(x, flat)))

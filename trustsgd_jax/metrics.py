@@ -59,6 +59,31 @@ def match(originals, reconstructions) -> np.ndarray:
     return cols[np.argsort(rows)]
 
 
+def affine_fit(originals, reconstructions) -> np.ndarray:
+    """`reconstructions` after a per-image, per-channel least-squares affine fit a*r + b to `originals`, in [0, 1].
+
+    A diagnostic, never a score in place of SSIM: SSIM after this fit tells
+    "structure recovered, brightness or contrast lost" (high) from "nothing
+    recovered" (low as well). The fit uses the original, which no attacker
+    has. A constant channel gets b = the original's mean (a = 0).
+    """
+    o, r = np.asarray(originals, np.float64), np.asarray(reconstructions, np.float64)
+    if o.shape != r.shape or o.ndim != 4:
+        raise ValueError(f"affine_fit needs two image batches of equal shape [N,H,W,C], got {o.shape} and {r.shape}.")
+    ro, rr = o.reshape(len(o), -1, o.shape[-1]), r.reshape(len(r), -1, r.shape[-1])
+    rc = rr - rr.mean(1, keepdims=True)
+    var = np.square(rc).sum(1, keepdims=True)
+    cov = (rc * (ro - ro.mean(1, keepdims=True))).sum(1, keepdims=True)
+    a = np.where(var > 1e-12, cov / np.maximum(var, 1e-12), 0.0)
+    fitted = a * rc + ro.mean(1, keepdims=True)
+    return np.clip(fitted, 0, 1).reshape(o.shape).astype(np.float32)
+
+
+def affine_invariant_ssim(originals, reconstructions) -> np.ndarray:
+    """Per-image SSIM after `affine_fit`: SSIM's structure term without the brightness and contrast a fit restores."""
+    return ssim(originals, affine_fit(originals, reconstructions))
+
+
 def image_scores(originals, reconstructions) -> dict[str, np.ndarray]:
     return {
         "ssim": ssim(originals, reconstructions),
