@@ -44,7 +44,6 @@ from scipy import special
 
 from trustsgd_jax import results
 from trustsgd_jax.attacks import membership
-from trustsgd_jax.attacks.membership import _log_mean_exp  # RMIA's own reduction, so the orders agree exactly
 
 FLAGS = flags.FLAGS
 
@@ -61,12 +60,19 @@ def _view_mean_log_p(logp: np.ndarray) -> np.ndarray:
     return special.logsumexp(logp, axis=-1) - np.log(logp.shape[-1])
 
 
+def log_mean_exp(lp: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """log of the mean over axis 0 of exp(lp) where `mask`: RMIA's reduction, the same operations in the same order
+    as `membership.rmia_scores` does it, so that the orders agree exactly (membership keeps its own private)."""
+    v = np.sort(np.where(mask, lp, -np.inf), axis=0)
+    return special.logsumexp(v, axis=0) - np.log(np.maximum(mask.sum(0), 1))
+
+
 def _ratio_terms(loaded: dict, views: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(log Pr(x | theta), log r(x) online, log Pr_OUT(x)) per example, over the query views `views`."""
     t = _view_mean_log_p(np.stack([v["loss"] for v in loaded["target_scores"][views]], -1))
     s = np.stack([_view_mean_log_p(np.stack([v["loss"] for v in sh[views]], -1)) for sh in loaded["shadow_scores"]])
     ins = np.asarray(loaded["shadow_in"], bool)
-    log_in, log_out = _log_mean_exp(s, ins), _log_mean_exp(s, ~ins)
+    log_in, log_out = log_mean_exp(s, ins), log_mean_exp(s, ~ins)
     return t, t - (np.logaddexp(log_in, log_out) - np.log(2.0)), log_out
 
 

@@ -12,7 +12,11 @@ them, and asserts:
 * a resume plans nothing new: every unit planned against the workdir's
   records is already done, and the run passes `check_one_setting`;
 * a fresh plan (no records) of the same flags plans exactly the workdir's
-  cells, and every record in today's format gets its own key back.
+  cells and victim batches, and each record's key back: the whole key for a
+  record in today's format, else the key of the planned unit's fields the
+  record has (a field added since, like ``matmul_dtype``, was not in its key;
+  a resume finds such a record's batches done by `setting_key`, which reads
+  the record with the field's old value).
 
 `NOT_REPLANNED` names the units no flags re-plan, and why; for those only
 the first point holds, as it does where a dataset file the records name is
@@ -28,7 +32,8 @@ import subprocess
 import pytest
 from absl import flags
 
-from experiments import reproduce as reproduce_lib
+from experiments.reproduce import config
+from experiments.reproduce import plan as plan_lib
 from trustsgd_jax import data
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -55,16 +60,13 @@ def committed_results() -> list[pathlib.Path]:
 
 def plan(argv: list[str], datasets: dict, done: list[dict], mia_devices: int) -> list[dict]:
     """The units `python -m experiments.reproduce <argv>` plans against the finished records `done`."""
-    import jax  # noqa: PLC0415 (this version of the plan reads the device count of MIA units from JAX)
-
-    assert mia_devices == jax.device_count()
     FLAGS.unparse_flags()
     FLAGS(["reproduce", *argv])
     try:
-        reproduce_lib.apply_preset()
-        return reproduce_lib.plan_units(datasets, done)
+        cfg = config.from_flags()
     finally:
         FLAGS.unparse_flags()
+    return plan_lib.plan_units(cfg, datasets, done, mia_devices)
 
 
 @functools.cache
@@ -96,12 +98,12 @@ def source_flags(records: list[dict]) -> list[str]:
 
 
 def cell(r: dict) -> tuple:
-    return tuple(r[f] for f in reproduce_lib.CELL_FIELDS[r["kind"]])
+    return tuple(r[f] for f in plan_lib.CELL_FIELDS[r["kind"]])
 
 
 def gradinv_flags(records: list[dict]) -> list[str]:
     """Flags of a gradinv-only run of these records' cells, images and grouping, in their one setting."""
-    s = {f: one(records, f) for f in reproduce_lib.SETTING_FIELDS["gradinv"]}
+    s = {f: one(records, f) for f in plan_lib.SETTING_FIELDS["gradinv"]}
     batches: dict[tuple, set] = {}
     for r in records:
         batches.setdefault(cell(r), set()).update(tuple(ids) for ids in r["victim_ids"])
@@ -134,7 +136,7 @@ def gradinv_flags(records: list[dict]) -> list[str]:
 
 def mia_flags(records: list[dict]) -> list[str]:
     """Flags of an MIA-only run of these records' cells in their one setting."""
-    s = {f: one(records, f) for f in reproduce_lib.SETTING_FIELDS["mia"]}
+    s = {f: one(records, f) for f in plan_lib.SETTING_FIELDS["mia"]}
     argv = [
         "--gradinv=false",
         "--mia=true",
@@ -202,14 +204,14 @@ def stored_records(path: pathlib.Path) -> list[dict]:
 def test_every_record_key_is_the_unit_key_of_its_input_fields(path):
     for r in stored_records(path):
         inputs = {f: r[f] for f in input_fields(r["kind"]) if f in r}
-        assert reproduce_lib.unit_key(inputs) == r["key"], r["key"]
+        assert plan_lib.unit_key(inputs) == r["key"], r["key"]
 
 
 @pytest.mark.parametrize("path", RESULTS, ids=IDS)
 def test_committed_workdir_resumes_to_nothing_new(path):
     name = str(path.parent.relative_to(ROOT / "results"))
     stored = {r["key"]: r for r in stored_records(path)}
-    done = reproduce_lib.read_all_records(path.parent)  # as a resume reads them
+    done = plan_lib.read_all_records(path.parent)  # as a resume reads them
     assert sorted(stored) == sorted(r["key"] for r in done)
     kinds = sorted({r["kind"] for r in done} - {kind for n, kind in NOT_REPLANNED if n == name})
     for kind in kinds:
@@ -221,8 +223,15 @@ def test_committed_workdir_resumes_to_nothing_new(path):
         for argv, rs in rebuilt_runs(kind, records):
             resumed = plan(argv, datasets_of(rs), done, devices(rs))
             assert [u["key"] for u in resumed if u["key"] not in stored] == [], argv
-            reproduce_lib.check_one_setting(resumed, done, path)
-            fresh = {u["key"]: u for u in plan(argv, datasets_of(rs), [], devices(rs))}
-            fields = {f for u in fresh.values() for f in u}
-            today = [r["key"] for r in rs if fields <= set(stored[r["key"]])]  # records in today's format
-            assert set(today) <= set(fresh), argv
+            plan_lib.check_one_setting(resumed, done, path)
+            fresh = {unit_id(u): u for u in plan(argv, datasets_of(rs), [], devices(rs))}
+            for r in (stored[r["key"]] for r in rs):
+                u = fresh[unit_id(r)]  # what a fresh run plans for the record's cell and victim batches
+                assert plan_lib.unit_key({f: v for f, v in u.items() if f in r}) == r["key"], (argv, r["key"])
+                if set(u) <= set(r):  # a record in today's format: its whole key
+                    assert u["key"] == r["key"], (argv, r["key"])
+
+
+def unit_id(u: dict) -> tuple:
+    """A unit's cell and victim batches (gradinv), or its cell (MIA)."""
+    return cell(u), json.dumps(u.get("victim_ids"))
