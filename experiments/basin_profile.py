@@ -16,7 +16,7 @@ Markdown table and writes it to ``--out``.
 
 from __future__ import annotations
 
-from experiments.xla_env import simulate_cpu_devices
+from trustsgd_jax.devices import simulate_cpu_devices
 
 simulate_cpu_devices(8)
 

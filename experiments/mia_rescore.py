@@ -44,7 +44,7 @@ from scipy import special
 
 from trustsgd_jax import results
 from trustsgd_jax.attacks import membership
-from trustsgd_jax.attacks.membership.rmia import log_mean_exp as _log_mean_exp  # RMIA's reduction: same order
+from trustsgd_jax.attacks.membership.rmia import log_mean_exp  # RMIA's own reduction, so the orders agree exactly
 
 FLAGS = flags.FLAGS
 
@@ -66,7 +66,7 @@ def _ratio_terms(loaded: dict, views: slice) -> tuple[np.ndarray, np.ndarray, np
     t = _view_mean_log_p(np.stack([v["loss"] for v in loaded["target_scores"][views]], -1))
     s = np.stack([_view_mean_log_p(np.stack([v["loss"] for v in sh[views]], -1)) for sh in loaded["shadow_scores"]])
     ins = np.asarray(loaded["shadow_in"], bool)
-    log_in, log_out = _log_mean_exp(s, ins), _log_mean_exp(s, ~ins)
+    log_in, log_out = log_mean_exp(s, ins), log_mean_exp(s, ~ins)
     return t, t - (np.logaddexp(log_in, log_out) - np.log(2.0)), log_out
 
 

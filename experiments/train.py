@@ -14,12 +14,13 @@ On CPU, JAX's gloo collectives carry the step between processes.
 
 from __future__ import annotations
 
-from experiments.xla_env import simulate_cpu_devices
+from trustsgd_jax.devices import simulate_cpu_devices
 
 simulate_cpu_devices(8)
 
 # Imported after XLA_FLAGS is set, because JAX reads it when first imported.
 import os  # noqa: E402
+import pathlib  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -50,6 +51,9 @@ flags.DEFINE_bool("progress", True, "show a progress bar")
 flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, to run across processes")
 flags.DEFINE_integer("num_processes", 1, "number of processes (with --coordinator_address)")
 flags.DEFINE_integer("process_id", 0, "this process's index (with --coordinator_address)")
+
+
+CONFIG_FLAGS = ("dataset", "model", "norm", "compressor", "steps", "batch_size", "learning_rate", "seed", "shard_map")
 
 
 def main(argv):
@@ -89,39 +93,9 @@ def main(argv):
         use_shard_map=FLAGS.shard_map,
     )
     test = train.evaluate(model, result.state.params, result.state.batch_stats, x_test, ds.y_test)
-    param_digest = float(sum(np.abs(np.asarray(x, np.float64)).sum() for x in jax.tree.leaves(result.state.params)))
-    summary = {
-        "config": {
-            k: getattr(FLAGS, k)
-            for k in (
-                "dataset",
-                "model",
-                "norm",
-                "compressor",
-                "steps",
-                "batch_size",
-                "learning_rate",
-                "seed",
-                "shard_map",
-            )
-        },
-        "data_source": ds.source,
-        "devices": jax.device_count(),
-        "processes": jax.process_count(),
-        "test_accuracy": test["accuracy"],
-        "test_loss": test["loss"],
-        "wire_per_step": result.wire,
-        "compression_ratio": result.wire["uncompressed_words"] / result.wire["words"],
-        "train_seconds": result.seconds,
-        "param_abs_sum": param_digest,
-    }
+    summary = run_summary(result, test, ds.source)
     if is_main:
-        metrics_path = workdir / "train_metrics.jsonl"
-        if metrics_path.exists():
-            metrics_path.unlink()
-        for rec in result.history:
-            results.append_record(metrics_path, rec)
-        results.write_json(workdir / "summary.json", summary)
+        write_metrics(workdir, result, summary)
     if FLAGS.checkpoint:
         ckpt = ocp.StandardCheckpointer()
         ckpt.save(
@@ -136,8 +110,37 @@ def main(argv):
             f"({summary['compression_ratio']:.1f}x less than uncompressed)  -> {workdir}",
             flush=True,
         )
-    print(f"process {jax.process_index()} param_abs_sum {param_digest:.10e}", flush=True)
+    print(f"process {jax.process_index()} param_abs_sum {summary['param_abs_sum']:.10e}", flush=True)
     return 0
+
+
+def run_summary(result: train.FitResult, test: dict, data_source: str) -> dict:
+    """``summary.json``: the flags that define the run, where it ran, its test accuracy, wire cost and a digest."""
+    return {
+        "config": {k: getattr(FLAGS, k) for k in CONFIG_FLAGS},
+        "data_source": data_source,
+        "devices": jax.device_count(),
+        "processes": jax.process_count(),
+        "test_accuracy": test["accuracy"],
+        "test_loss": test["loss"],
+        "wire_per_step": result.wire,
+        "compression_ratio": result.wire["uncompressed_words"] / result.wire["words"],
+        "train_seconds": result.seconds,
+        # Equal on every process when they applied identical updates (tests compare it).
+        "param_abs_sum": float(
+            sum(np.abs(np.asarray(x, np.float64)).sum() for x in jax.tree.leaves(result.state.params))
+        ),
+    }
+
+
+def write_metrics(workdir: pathlib.Path, result: train.FitResult, summary: dict) -> None:
+    """``train_metrics.jsonl`` (the history, replacing an earlier run's) and ``summary.json``."""
+    metrics_path = workdir / "train_metrics.jsonl"
+    if metrics_path.exists():
+        metrics_path.unlink()
+    for rec in result.history:
+        results.append_record(metrics_path, rec)
+    results.write_json(workdir / "summary.json", summary)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ towards (0, 0) (`metrics.tpr_at_fpr`).
 
 from __future__ import annotations
 
-from experiments.xla_env import simulate_cpu_devices
+from trustsgd_jax.devices import simulate_cpu_devices
 
 simulate_cpu_devices(8)
 

@@ -6,11 +6,9 @@ import os
 import shutil
 import tempfile
 
-from experiments.xla_env import CPU_COLLECTIVE_TIMEOUT  # imports no JAX
+from trustsgd_jax import devices  # imports no JAX
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count=8 {CPU_COLLECTIVE_TIMEOUT}"
-).strip()
+devices.simulate_cpu_devices(8, force=True)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # JAX's persistent compilation cache, fresh for every run of the suite (so every program is compiled for real
 # once) and shared with the subprocesses the tests start: the end-to-end tests run the same small programs in

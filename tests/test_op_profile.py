@@ -3,7 +3,7 @@
 import jax
 import jax.numpy as jnp
 
-from experiments import op_profile
+from benchmarks import op_profile
 
 
 def test_op_kind_names_the_kinds_xla_cpu_uses():

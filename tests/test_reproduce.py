@@ -18,8 +18,10 @@ import pytest
 from absl import flags
 
 from experiments import mia_rescore, report
-from experiments import reproduce as reproduce_lib
-from experiments.reproduce import process_share
+from experiments.reproduce import config, plan, units
+from experiments.reproduce import main as reproduce_main
+from experiments.reproduce.plan import process_share
+from experiments.reproduce.presets import MIA_CPU_DEVICES
 from trustsgd_jax import results
 from trustsgd_jax.attacks import membership
 
@@ -58,8 +60,8 @@ def reproduce_here(workdir, *extra):
     out, err, code = io.StringIO(), io.StringIO(), 0
     try:
         with contextlib.redirect_stdout(out):
-            reproduce_lib.main([])
-    except reproduce_lib.ConfigError as e:
+            reproduce_main.main([])
+    except config.ConfigError as e:
         err.write(f"error: {e}\n")
         code = 2
     finally:
@@ -171,15 +173,15 @@ def test_compilation_cache_goes_where_asked_and_the_environment_wins(monkeypatch
     before = (jax.config.jax_compilation_cache_dir, jax.config.jax_compilation_cache_max_size)
     try:
         monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "env"))
-        assert reproduce_lib.use_compilation_cache(str(tmp_path / "flag")) == str(tmp_path / "env")
+        assert reproduce_main.use_compilation_cache(str(tmp_path / "flag")) == str(tmp_path / "env")
         assert jax.config.jax_compilation_cache_dir == before[0]  # left to JAX, which read the variable
         monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
-        assert reproduce_lib.use_compilation_cache("") is None
+        assert reproduce_main.use_compilation_cache("") is None
         assert jax.config.jax_compilation_cache_dir == before[0]
         monkeypatch.setenv("HOME", str(tmp_path))
-        assert reproduce_lib.use_compilation_cache("~/cache") == str(tmp_path / "cache")
+        assert reproduce_main.use_compilation_cache("~/cache") == str(tmp_path / "cache")
         assert jax.config.jax_compilation_cache_dir == str(tmp_path / "cache")
-        assert jax.config.jax_compilation_cache_max_size == reproduce_lib.COMPILATION_CACHE_MAX_BYTES
+        assert jax.config.jax_compilation_cache_max_size == reproduce_main.COMPILATION_CACHE_MAX_BYTES
     finally:
         jax.config.update("jax_compilation_cache_dir", before[0])
         jax.config.update("jax_compilation_cache_max_size", before[1])
@@ -187,10 +189,10 @@ def test_compilation_cache_goes_where_asked_and_the_environment_wins(monkeypatch
 
 def test_query_views_option_keeps_the_keys_of_units_from_before_it():
     unit = dict(kind="mia", dataset="cifar10", compressor="none", mia_split="paired", mia_budgets=[])
-    assert reproduce_lib.unit_key({**unit, "mia_query_views": "flip"}) == reproduce_lib.unit_key(unit)
-    assert reproduce_lib.unit_key({**unit, "mia_query_views": "image"}) != reproduce_lib.unit_key(unit)
-    assert reproduce_lib.MIA_FIELD_DEFAULTS["mia_query_views"] == "flip"  # what those units were queried with
-    got = {(v, d): reproduce_lib.query_augmentation(v, d) for v in ("image", "flip") for d in ("cifar10", "mnist")}
+    assert plan.unit_key({**unit, "mia_query_views": "flip"}) == plan.unit_key(unit)
+    assert plan.unit_key({**unit, "mia_query_views": "image"}) != plan.unit_key(unit)
+    assert plan.MIA_FIELD_DEFAULTS["mia_query_views"] == "flip"  # what those units were queried with
+    got = {(v, d): units.query_augmentation(v, d) for v in ("image", "flip") for d in ("cifar10", "mnist")}
     assert got == {
         ("image", "cifar10"): "none",
         ("image", "mnist"): "none",
@@ -202,11 +204,11 @@ def test_query_views_option_keeps_the_keys_of_units_from_before_it():
 def test_mia_device_count_is_part_of_a_unit_only_where_it_is_not_the_default():
     """The models' data-parallel split changes their numbers: another count is another unit, 8 keeps old keys."""
     unit = dict(kind="mia", dataset="cifar10", compressor="none", mia_split="paired", mia_budgets=[])
-    default = reproduce_lib.MIA_CPU_DEVICES
-    assert reproduce_lib.unit_key({**unit, "mia_devices": default}) == reproduce_lib.unit_key(unit)
-    assert reproduce_lib.unit_key({**unit, "mia_devices": default // 2}) != reproduce_lib.unit_key(unit)
-    assert reproduce_lib.MIA_FIELD_DEFAULTS["mia_devices"] == default
-    assert "mia_devices" in reproduce_lib.SETTING_FIELDS["mia"]  # one workdir, one count
+    default = MIA_CPU_DEVICES
+    assert plan.unit_key({**unit, "mia_devices": default}) == plan.unit_key(unit)
+    assert plan.unit_key({**unit, "mia_devices": default // 2}) != plan.unit_key(unit)
+    assert plan.MIA_FIELD_DEFAULTS["mia_devices"] == default
+    assert "mia_devices" in plan.SETTING_FIELDS["mia"]  # one workdir, one count
 
 
 @pytest.mark.parametrize(
@@ -217,15 +219,14 @@ def test_a_run_asks_for_as_many_cpu_devices_as_its_units_need(flag, expected):
     FLAGS.unparse_flags()
     FLAGS(["reproduce", "--preset=tiny", *flag.split()])
     try:
-        reproduce_lib.apply_preset()
-        assert reproduce_lib.cpu_devices() == expected
+        assert config.from_flags().cpu_devices == expected
     finally:
         FLAGS.unparse_flags()
 
 
 NARROW = """
 import sys
-from experiments.xla_env import narrow_cpu_devices, simulate_cpu_devices
+from trustsgd_jax.devices import narrow_cpu_devices, simulate_cpu_devices
 simulate_cpu_devices(8)
 import jax
 if sys.argv[1] == "after":
@@ -491,8 +492,7 @@ def test_bad_flags_fail_before_any_work(tmp_path, flag, message):
     FLAGS(["reproduce", "--preset=tiny", f"--workdir={tmp_path}", "--progress=false", *flag.split()])
     try:
         with pytest.raises(ValueError, match=re.escape(message)):  # ConfigError, or what main turns into one
-            reproduce_lib.apply_preset()
-            reproduce_lib.prepare()
+            reproduce_main.prepare(config.from_flags())
     finally:
         FLAGS.unparse_flags()
     assert not (tmp_path / "results.jsonl").exists()

@@ -2,7 +2,7 @@
 
 import pytest
 
-from experiments import timing
+from benchmarks import timing
 
 
 def test_interleaved_calls_every_case_once_per_round_and_times_each_call(monkeypatch):

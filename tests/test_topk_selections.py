@@ -1,11 +1,11 @@
-"""The exact alternatives to lax.top_k that experiments/bench_topk_select times pick the same entries."""
+"""The exact alternatives to lax.top_k that benchmarks/bench_topk_select times pick the same entries."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import topk_selections
+from benchmarks import topk_selections
 
 
 @pytest.mark.parametrize(

@@ -120,8 +120,8 @@ def op_profile(f, *args) -> OpProfile:
         if not files:
             raise RuntimeError(f"jax.profiler wrote no trace under {d}: is another profiler session running?")
         trace = jax.profiler.ProfileData.from_file(str(files[-1]))
-    by_kind: collections.Counter = collections.Counter()
-    by_op: collections.Counter = collections.Counter()
+    by_kind: collections.defaultdict[str, float] = collections.defaultdict(float)
+    by_op: collections.defaultdict[str, float] = collections.defaultdict(float)
     threads = set()
     for plane in trace.planes:
         for line in plane.lines:

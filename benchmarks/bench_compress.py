@@ -1,7 +1,7 @@
 r"""Cost of gradient compression in the data-parallel step: time and words on the wire.
 
-    python -m experiments.bench_compress                 # ResNet-18, CIFAR-10 shapes, 8 simulated CPU devices
-    python -m experiments.bench_compress --model=convnet --steps=10
+    python -m benchmarks.bench_compress                 # ResNet-18, CIFAR-10 shapes, 8 simulated CPU devices
+    python -m benchmarks.bench_compress --model=convnet --steps=10
 
 For each compressor: median train-step time (forward, backward, compression,
 collectives, optimizer), the compressor's reduce alone on the same gradients,
@@ -14,13 +14,13 @@ then each round times one step of each in turn, and ``x none`` is the median
 over rounds of the step's time over the uncompressed step's in the same
 round. A slow spell of a shared machine then slows both sides of a ratio
 instead of one compressor's whole row. With ``--op_profile`` one more step
-of each is traced (`experiments.op_profile`): where the step's time goes, per
+of each is traced (`benchmarks.op_profile`): where the step's time goes, per
 kind of operation, to compare with the uncompressed step's.
 """
 
 from __future__ import annotations
 
-from experiments.xla_env import simulate_cpu_devices
+from trustsgd_jax.devices import simulate_cpu_devices
 
 simulate_cpu_devices(8)
 
@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from experiments import op_profile, timing  # noqa: E402
+from benchmarks import op_profile, timing  # noqa: E402
 from trustsgd_jax import compress, models, results, train  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -53,15 +53,42 @@ flags.DEFINE_string("out", None, "also write the table to this Markdown file")
 
 def analytic_words(spec: str, shapes) -> int:
     """Word counts from the formulas alone, independent of the message objects."""
-    kind, _, arg = spec.partition(":")
+    parsed = compress.parse_spec(spec)
     dense = sum(int(np.prod(s)) for s in shapes)
-    if kind == "none":
+    if parsed.kind == "none":
         return dense
-    if kind == "powersgd":
-        return sum(compress.powersgd_words(shapes, int(arg)))
-    if kind == "topk_level":  # values + int32 indices, as many words as PowerSGD (rounded to even)
-        return 2 * (sum(compress.powersgd_words(shapes, int(arg))) // 2)
+    if parsed.kind == "powersgd":
+        return sum(compress.powersgd_words(shapes, int(parsed.number)))
+    if parsed.kind == "topk_level":  # values + int32 indices, as many words as PowerSGD (rounded to even)
+        return 2 * (sum(compress.powersgd_words(shapes, int(parsed.number))) // 2)
     raise ValueError(f"no analytic formula for {spec!r} in this benchmark")
+
+
+def compressor_cases(params) -> list[tuple[str, str, compress.Compressor]]:
+    """(label, spec, compressor) of every --compressors spec, and of every Top-K level spec in each other
+    --topk_selections selection."""
+    cases = []
+    for spec in FLAGS.compressors.split(","):
+        cases.append((spec, spec, compress.from_spec(spec, params)))
+        parsed = compress.parse_spec(spec)
+        for sel in FLAGS.topk_selections:
+            if parsed.kind == "topk_level" and sel != "exact":
+                cases.append((f"{spec}+{sel}", spec, compress.topk_level(params, int(parsed.number), selection=sel)))
+    return cases
+
+
+def reduce_seconds(c: compress.Compressor, params, n: int, rng: np.random.Generator) -> list[float]:
+    """Seconds of the compressor's reduce alone on random gradients over `n` devices, --steps times (compiled first)."""
+    grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=(n, *p.shape)).astype(np.float32)), params)
+    cstate = train.replicate(c.init(params), n)
+    red = jax.pmap(lambda g, s: c.reduce(g, s, train.AXIS)[:2], axis_name=train.AXIS)
+    jax.block_until_ready(red(grads, cstate))
+    times = []
+    for _ in range(FLAGS.steps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(red(grads, cstate))
+        times.append(time.perf_counter() - t0)
+    return times
 
 
 def main(argv):
@@ -77,16 +104,8 @@ def main(argv):
     optimizer = optax.sgd(0.01, momentum=0.9)
     params = models.init_variables(model, jax.random.key(0), image_shape)["params"]
     shapes = [np.shape(x) for x in jax.tree.leaves(params)]
-    rows = []
-    cases = []
-    for spec in FLAGS.compressors.split(","):
-        cases.append((spec, spec, compress.from_spec(spec, params)))
-        kind, _, arg = spec.partition(":")
-        for sel in FLAGS.topk_selections:
-            if kind == "topk_level" and sel != "exact":
-                cases.append((f"{spec}+{sel}", spec, compress.topk_level(params, int(arg), selection=sel)))
     built = []
-    for label, spec, c in cases:
+    for label, spec, c in compressor_cases(params):
         state = train.replicate(train.init_state(model, optimizer, c, image_shape, 0), n)
         wire = train.step_wire_cost(model, c, train.unreplicate(state))
         step = train.pmap_step(train.make_step(model, optimizer, c))
@@ -105,21 +124,12 @@ def main(argv):
     per_case = timing.interleaved([functools.partial(one_step, b) for b in built], FLAGS.steps)
     times = {b["label"]: t for b, t in zip(built, per_case, strict=True)}
     base_label = next((b["label"] for b in built if b["spec"] == "none"), built[0]["label"])
-    profiles = []
+    rows, profiles = [], []
     for b in built:
-        label, spec, c = b["label"], b["spec"], b["c"]
+        label = b["label"]
         if FLAGS.op_profile:
             prof = op_profile.op_profile(functools.partial(one_step, b))
             profiles.append(f"* {label}: " + op_profile.summary(prof, unit="step"))
-        grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=(n, *p.shape)).astype(np.float32)), params)
-        cstate = train.replicate(c.init(params), n)
-        red = jax.pmap(lambda g, s, c=c: c.reduce(g, s, train.AXIS)[:2], axis_name=train.AXIS)
-        jax.block_until_ready(red(grads, cstate))
-        rtimes = []
-        for _ in range(FLAGS.steps):
-            t0 = time.perf_counter()
-            jax.block_until_ready(red(grads, cstate))
-            rtimes.append(time.perf_counter() - t0)
         ratios = np.asarray(times[label]) / np.asarray(times[base_label])
         rows.append(
             dict(
@@ -127,19 +137,23 @@ def main(argv):
                 step=float(np.median(times[label])),
                 ratio=timing.paired_ratio(times[label], times[base_label]),
                 ratio_range=(float(np.min(ratios)), float(np.max(ratios))),
-                reduce=float(np.median(rtimes)),
+                reduce=float(np.median(reduce_seconds(b["c"], params, n, rng))),
                 compile=b["compile"],
                 words=b["wire"]["grad_words"],
                 bn=b["wire"]["bn_words"],
-                analytic=analytic_words(spec, shapes),
+                analytic=analytic_words(b["spec"], shapes),
             )
         )
         print(
             f"{label}: step {rows[-1]['step']:.3f}s ({rows[-1]['ratio']:.2f}x none) reduce {rows[-1]['reduce']:.3f}s",
             flush=True,
         )
-    base = next((r for r in rows if r["spec"] == "none"), rows[0])
+    results.write_table("\n".join(table_lines(rows, n, profiles)), FLAGS.out)
 
+
+def table_lines(rows: list[dict], n: int, profiles: list[str]) -> list[str]:
+    """The Markdown table of `rows` (ratios to the uncompressed step's), with its heading and notes."""
+    base = next((r for r in rows if r["spec"] == "none"), rows[0])
     lines = [
         f"ResNet-18 step cost, {n} devices, global batch {FLAGS.batch_size}, {jax.devices()[0].platform}"
         if FLAGS.model == "resnet18"
@@ -177,8 +191,8 @@ def main(argv):
         f"Steps timed interleaved: {FLAGS.steps} rounds, one step of each compressor per round.",
     ]
     if profiles:
-        lines += ["", "Where one step goes (thread time of XLA's operations, experiments.op_profile):", *profiles]
-    results.write_table("\n".join(lines), FLAGS.out)
+        lines += ["", "Where one step goes (thread time of XLA's operations, benchmarks.op_profile):", *profiles]
+    return lines
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
-"""Flag defaults of `experiments.reproduce`, one dict per preset; flags on the command line win.
+"""Presets of `experiments.reproduce`: flag defaults as data, one dict per preset; flags on the command line win.
+
+`config.from_flags` reads them once (a flag's value is the command line's,
+else the preset's, else the flag's own default). Nothing here imports JAX:
+`python -m experiments.reproduce` reads `MIA_CPU_DEVICES` before it starts.
 
 * ``tiny``: the tests' end-to-end run (seconds).
 * ``quick``: the main job on CPU: ConvNet at initialisation, the bundled real
@@ -20,6 +24,10 @@ columns of Table 1.
 """
 
 from __future__ import annotations
+
+# Membership inference trains its models data-parallel over every device, so their numbers depend on the count:
+# --cpu_devices' default when it runs, the count its committed results used (a unit at another count has its own key).
+MIA_CPU_DEVICES = 8
 
 # The seed paper's 11 configurations: SGD, PowerSGD ranks and Top-K at the matching levels (same wire size).
 PAPER_COMPRESSORS = [

@@ -1,8 +1,8 @@
 r"""Speed of the gradient-inversion attack: iterations per second per attacker, width, matmul dtype and devices.
 
-    python -m experiments.bench_gradinv                      # ResNet-18, 32x32x3, B = 1: the README's table
-    python -m experiments.bench_gradinv --model=convnet --iterations=200
-    python -m experiments.bench_gradinv --attackers=none/observed --widths=1 --dtypes=float32 --devices=1
+    python -m benchmarks.bench_gradinv                      # ResNet-18, 32x32x3, B = 1: the README's table
+    python -m benchmarks.bench_gradinv --model=convnet --iterations=200
+    python -m benchmarks.bench_gradinv --attackers=none/observed --widths=1 --dtypes=float32 --devices=1
 
 Rows (all in one run, on this machine):
 
@@ -18,8 +18,9 @@ Rows (all in one run, on this machine):
 * the same batch spread over 2 local devices (a subprocess started with
   ``--xla_force_host_platform_device_count=2``, `gradinv.AttackConfig.devices`);
 * a PyTorch eager Geiping loop on the same model shape (cosine + TV, Adam on
-  the signed gradient, double backward) when ``torch`` is importable: the
-  reference the speed target is set against (torch is not a dependency).
+  the signed gradient, double backward; `benchmarks.torch_reference`) when
+  ``torch`` is importable: the reference the speed target is set against
+  (torch is not a dependency).
 
 "GFLOP/it" is XLA's cost analysis of one iteration of all attacks in the
 row, "GFLOP/s" the rate achieved, to set against the dense-matmul peaks
@@ -31,7 +32,7 @@ iteration into the model's forward and backward (the dummy gradient), the
 second backward through it, and the rest;
 with ``--op_profile`` each fp32 one-device row is traced once more and split
 per kind of XLA operation (matmuls, elementwise, data movement, ...,
-`experiments.op_profile`), with how busy the threads were.
+`benchmarks.op_profile`), with how busy the threads were.
 Each figure times the second call of a compiled function, never the first:
 every row is compiled first, then ``--rounds`` rounds each time one chunk of
 every row in turn (`time_rows`), and a row's it/s is its median over rounds.
@@ -41,7 +42,7 @@ from __future__ import annotations
 
 import sys
 
-from experiments.xla_env import simulate_cpu_devices
+from trustsgd_jax.devices import simulate_cpu_devices
 
 if __name__ == "__main__":
     # The device count is fixed when JAX starts: the 2-device rows come from a subprocess given --simulated_devices=2.
@@ -58,7 +59,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from experiments import op_profile, timing  # noqa: E402
+from benchmarks import op_profile, timing, torch_reference  # noqa: E402
 from trustsgd_jax import compress, data, models, results  # noqa: E402
 from trustsgd_jax.attacks import gradinv, objectives, victim  # noqa: E402
 
@@ -96,7 +97,7 @@ flags.DEFINE_bool(
 flags.DEFINE_bool(
     "op_profile",
     True,
-    "trace one more chunk of each fp32 one-device row: time per kind of XLA operation (experiments.op_profile)",
+    "trace one more chunk of each fp32 one-device row: time per kind of XLA operation (benchmarks.op_profile)",
 )
 flags.DEFINE_bool("torch", True, "time a PyTorch eager Geiping loop when torch is importable")
 flags.DEFINE_bool("json_rows", False, "print the rows as JSON only (the subprocess's output)")
@@ -187,9 +188,9 @@ def build_attack(model, variables, msgs, y, objective, dtype, width, devices, th
     )
     msg = jax.tree.map(lambda *a: jnp.stack(a), *batch)
     ys = jnp.asarray(np.resize(y, width)[:, None])
-    xs = jax.random.normal(jax.random.key(1), (width, 1, 32, 32, 3))
-    if len(names) > 1 or not isinstance(objective, str):
-        xs = tuple(xs for _ in names)
+    x0 = jax.random.normal(jax.random.key(1), (width, 1, 32, 32, 3))
+    # One start per lane where the row runs several objectives in one program (the same start in each).
+    xs = tuple(x0 for _ in names) if len(names) > 1 or not isinstance(objective, str) else x0
     st = attack.init(xs)
 
     def run():
@@ -206,7 +207,8 @@ def build_attack(model, variables, msgs, y, objective, dtype, width, devices, th
     if devices == 1:
         one_iteration = jax.jit(lambda xs, st, msg, ys: attack.run_chunk(xs, st, msg, ys, 1))
         cost = one_iteration.lower(xs, st, msg, ys).compile().cost_analysis()
-        gflop, gbytes = cost["flops"] / 1e9, cost["bytes accessed"] / 1e9
+        if cost:  # None where the backend has no cost analysis: the row shows none
+            gflop, gbytes = cost["flops"] / 1e9, cost["bytes accessed"] / 1e9
     if not isinstance(objective, str):
         label = " + ".join(names) + " (one program)"
     elif not thin_targets and ranks and any(ranks):  # labelled apart only where some target would have been thin
@@ -280,78 +282,12 @@ def profile_line(model, variables, msgs, y) -> str:
     )
 
 
-def torch_row(model_name: str, x0, y0, target_seed: int = 0):
-    """A PyTorch eager Geiping loop on the same shape, or None (with the reason) when torch is missing."""
-    try:
-        import torch  # noqa: PLC0415 (optional: not a dependency)
-        import torch.nn as tnn  # noqa: PLC0415
-    except ImportError:
-        return None, "torch is not importable here: no PyTorch reference row (pip install torch to add it)."
-    if model_name != "resnet18":
-        return None, "the PyTorch reference row is written for ResNet-18 only."
-    torch.manual_seed(target_seed)
-
-    class Block(tnn.Module):
-        def __init__(self, cin, cout, stride):
-            super().__init__()
-            self.c1 = tnn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-            self.b1 = tnn.BatchNorm2d(cout)
-            self.c2 = tnn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-            self.b2 = tnn.BatchNorm2d(cout)
-            self.sc = None
-            if stride != 1 or cin != cout:
-                self.sc = tnn.Sequential(tnn.Conv2d(cin, cout, 1, stride, bias=False), tnn.BatchNorm2d(cout))
-
-        def forward(self, x):
-            y = torch.relu(self.b1(self.c1(x)))
-            y = self.b2(self.c2(y))
-            return torch.relu(y + (x if self.sc is None else self.sc(x)))
-
-    layers = [tnn.Conv2d(3, 64, 3, 1, 1, bias=False), tnn.BatchNorm2d(64), tnn.ReLU()]
-    cin = 64
-    for i, cout in enumerate((64, 128, 256, 512)):
-        for j in range(2):
-            layers.append(Block(cin, cout, 2 if (i > 0 and j == 0) else 1))
-            cin = cout
-    layers += [tnn.AdaptiveAvgPool2d(1), tnn.Flatten(), tnn.Linear(512, 10)]
-    net = tnn.Sequential(*layers).eval()
-    params = list(net.parameters())
-    xt = torch.tensor(np.asarray(x0)).permute(0, 3, 1, 2).contiguous()
-    yt = torch.tensor(np.asarray(y0), dtype=torch.long)
-    target = [g.detach() for g in torch.autograd.grad(tnn.functional.cross_entropy(net(xt), yt), params)]
-    dummy = torch.randn_like(xt, requires_grad=True)
-    opt = torch.optim.Adam([dummy], lr=0.1)
-
-    def iteration():
-        opt.zero_grad()
-        grads = torch.autograd.grad(tnn.functional.cross_entropy(net(dummy), yt), params, create_graph=True)
-        dot = sum((g * t).sum() for g, t in zip(grads, target, strict=True))
-        na = sum((g * g).sum() for g in grads)
-        nb = sum((t * t).sum() for t in target)
-        tv = (dummy[:, :, 1:] - dummy[:, :, :-1]).abs().mean() + (dummy[:, :, :, 1:] - dummy[:, :, :, :-1]).abs().mean()
-        loss = 1 - dot / (na.sqrt() * nb.sqrt()) + 1e-4 * tv
-        loss.backward()
-        dummy.grad.sign_()
-        opt.step()
-
-    for _ in range(3):
-        iteration()
-    n = max(10, FLAGS.iterations // 2)
-    t0 = time.perf_counter()
-    for _ in range(n):
-        iteration()
-    its = n / (time.perf_counter() - t0)
-    return dict(objective="observed (PyTorch eager)", dtype="float32", width=1, devices=1, its=its, agg=its), (
-        f"PyTorch {torch.__version__} eager, {torch.get_num_threads()} threads."
-    )
-
-
 def device_rows() -> list[dict]:
     """The batched rows of the first attacker on 2 local devices, from a subprocess that simulates them."""
     cmd = [
         sys.executable,
         "-m",
-        "experiments.bench_gradinv",
+        "benchmarks.bench_gradinv",
         "--simulated_devices=2",
         "--json_rows",
         "--torch=false",
@@ -371,14 +307,10 @@ def device_rows() -> list[dict]:
     return [{k: v for k, v in r.items() if k != "times"} for r in rows]  # another process's rounds: not paired
 
 
-def main(argv):
-    del argv
-    _, model, variables, x, y = _setting()
-    by_spec: dict = {}
+def build_all(model, variables, x, y, by_spec: dict) -> list[dict]:
+    """Every row this process times (`build_attack`), compiled: each attacker alone (fp32, and the first in every
+    dtype), the first attacker batched at each width and device count, and `strongest`'s candidates together."""
     here = len(jax.local_devices())
-    for pair in FLAGS.attackers:
-        spec, objective = pair.split("/")
-        by_spec.setdefault(spec, _messages(model, variables, x, y, spec))
     first_spec, first_objective = FLAGS.attackers[0].split("/")
     built: list[dict] = []
 
@@ -409,31 +341,66 @@ def main(argv):
             names = tuple(objectives.applicable_objectives(msgs[0]))
             build(spec, msgs, y, names, "float32", 1, 1)
             built[-1]["lanes"] = names
-    rows = time_rows(built, FLAGS.rounds)
+    return built
+
+
+def main(argv):
+    del argv
+    _, model, variables, x, y = _setting()
+    by_spec: dict = {}
+    for pair in FLAGS.attackers:
+        spec, _ = pair.split("/")
+        by_spec.setdefault(spec, _messages(model, variables, x, y, spec))
+    rows = time_rows(build_all(model, variables, x, y, by_spec), FLAGS.rounds)
     for row in rows:
         print(json.dumps(row), flush=True)
     if FLAGS.json_rows:
         return
-    if "2" in FLAGS.devices and here == 1:
+    if "2" in FLAGS.devices and len(jax.local_devices()) == 1:
         rows += device_rows()
     notes = []
     if FLAGS.torch:
-        row, note = torch_row(FLAGS.model, x[:1], y[:1])
+        reference, note = torch_reference.torch_row(FLAGS.model, x[:1], y[:1], FLAGS.iterations)
         notes.append(note)
-        if row is not None:
-            rows.append(dict(row, spec="none"))
+        if reference is not None:
+            rows.append(dict(reference, spec="none"))
+    first_spec, first_objective = FLAGS.attackers[0].split("/")
+    peak32, peak16, stream = _matmul_gflops(jnp.float32), _matmul_gflops(jnp.bfloat16), _stream_gbs()
+    lines = [
+        f"Gradient inversion speed, {FLAGS.model} 32x32x3, B = 1, {jax.devices()[0].platform} "
+        f"({jax.devices()[0].device_kind}), {FLAGS.iterations} timed iterations per row and round, "
+        f"{FLAGS.rounds} rounds (median; × observed: median of the per-round ratios)",
+        "",
+        *speed_table(rows),
+        "",
+        f"Dense 2048x2048 matmul peak: fp32 {peak32:.0f} GFLOP/s; bf16 inputs, fp32 accumulation {peak16:.0f} GFLOP/s. "
+        "Memory bandwidth of elementwise passes (x <- a x + b over 256 MB, read and written, 8 passes in one "
+        f"program): {stream:.1f} GB/s. "
+        "GB/it is XLA's count of bytes its operations read and write per iteration (cost analysis, after fusion; "
+        "it counts cached reads too, so GB/it over that bandwidth is a rough floor, not a bound).",
+        profile_line(model, variables, by_spec[first_spec], y) if first_objective == "observed" else "",
+        *notes,
+        *together_lines(rows),
+    ]
+    profiled = [r for r in rows if r.get("profile")]
+    if profiled:
+        lines += ["", "Where an iteration goes, per kind of XLA operation (thread time, benchmarks.op_profile):"]
+        lines += [f"* {r['spec']} / {r['objective']}, {r['width']} attack(s): {r['profile']}" for r in profiled]
+    results.write_table("\n".join(line for line in lines if line is not None), FLAGS.out)
 
+
+def speed_table(rows: list[dict]) -> list[str]:
+    """The Markdown table of the timed rows: it/s against the observed attacker's and PyTorch's, FLOPs, bytes."""
     single: dict = {}
     for r in rows:
         if r["objective"] == "observed" and r["width"] == 1 and r["devices"] == 1:
             single.setdefault((r["spec"], r["dtype"]), r)
     reference = next((r["its"] for r in rows if "PyTorch" in r["objective"]), None)
-    peak32, peak16, stream = _matmul_gflops(jnp.float32), _matmul_gflops(jnp.bfloat16), _stream_gbs()
 
     def cell(r, key, fmt):
         return "–" if r.get(key) is None else format(r[key], fmt)
 
-    table = results.markdown_table(
+    return results.markdown_table(
         [
             "message",
             "attacker",
@@ -472,21 +439,11 @@ def main(argv):
             for r in rows
         ],
     )
-    lines = [
-        f"Gradient inversion speed, {FLAGS.model} 32x32x3, B = 1, {jax.devices()[0].platform} "
-        f"({jax.devices()[0].device_kind}), {FLAGS.iterations} timed iterations per row and round, "
-        f"{FLAGS.rounds} rounds (median; × observed: median of the per-round ratios)",
-        "",
-        *table,
-        "",
-        f"Dense 2048x2048 matmul peak: fp32 {peak32:.0f} GFLOP/s; bf16 inputs, fp32 accumulation {peak16:.0f} GFLOP/s. "
-        "Memory bandwidth of elementwise passes (x <- a x + b over 256 MB, read and written, 8 passes in one "
-        f"program): {stream:.1f} GB/s. "
-        "GB/it is XLA's count of bytes its operations read and write per iteration (cost analysis, after fusion; "
-        "it counts cached reads too, so GB/it over that bandwidth is a rough floor, not a bound).",
-        profile_line(model, variables, by_spec[first_spec], y) if first_objective == "observed" else "",
-        *notes,
-    ]
+
+
+def together_lines(rows: list[dict]) -> list[str]:
+    """For each row of `strongest`'s candidates in one program: its time per iteration against one program each."""
+    lines = []
     for r in rows:
         if r.get("lanes"):
             alone = {o["objective"]: o["its"] for o in rows if o["spec"] == r["spec"] and o["width"] == 1}
@@ -498,11 +455,7 @@ def main(argv):
                     f"{1000 / r['its']:.0f} ms per iteration of all of them, one program each "
                     f"{1000 * separate:.0f} ms: {separate * r['its']:.2f}x."
                 )
-    profiled = [r for r in rows if r.get("profile")]
-    if profiled:
-        lines += ["", "Where an iteration goes, per kind of XLA operation (thread time, experiments.op_profile):"]
-        lines += [f"* {r['spec']} / {r['objective']}, {r['width']} attack(s): {r['profile']}" for r in profiled]
-    results.write_table("\n".join(line for line in lines if line is not None), FLAGS.out)
+    return lines
 
 
 if __name__ == "__main__":

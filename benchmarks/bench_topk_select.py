@@ -1,7 +1,7 @@
 r"""Ways to pick Top-K's entries on this machine: is there one faster than ``lax.top_k`` that sends the same ones?
 
-    python -m experiments.bench_topk_select                 # ResNet-18's tensors, Top-K level 4, one device
-    python -m experiments.bench_topk_select --level=1 --rounds=7
+    python -m benchmarks.bench_topk_select                 # ResNet-18's tensors, Top-K level 4, one device
+    python -m benchmarks.bench_topk_select --level=1 --rounds=7
 
 Issue 13 asks for a Top-K step within 1.20x of the uncompressed one, and the
 selection is most of Top-K's overhead (README, ``bench_compress``). Each
@@ -9,7 +9,7 @@ candidate below picks, per tensor of ResNet-18, the k entries of largest
 magnitude (`compress.topk_level_k`) of a normal random gradient, all tensors
 in one program; the program prints, per candidate, whether it picked the same
 set as ``lax.top_k`` and its milliseconds, timed interleaved
-(`experiments.timing`), second calls only:
+(`benchmarks.timing`), second calls only:
 
 * ``lax.top_k``: what `compress.topk` uses (``selection="exact"``);
 * ``lax.approx_max_k`` at ``recall_target=1.0`` (``selection="approx_max_k"``);
@@ -20,14 +20,14 @@ set as ``lax.top_k`` and its milliseconds, timed interleaved
   (``jnp.nonzero``) and ``top_k`` picks among them: the same set by
   construction, one pass over the tensor plus the compaction.
 
-The last two (`experiments.topk_selections`) are exact (same set, ties to
+The last two (`benchmarks.topk_selections`) are exact (same set, ties to
 the lowest index) but are not in the package: neither was faster here
 (README).
 """
 
 from __future__ import annotations
 
-from experiments.xla_env import simulate_cpu_devices
+from trustsgd_jax.devices import simulate_cpu_devices
 
 if __name__ == "__main__":
     simulate_cpu_devices(1)
@@ -37,8 +37,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from experiments import timing  # noqa: E402
-from experiments.topk_selections import CASES  # noqa: E402
+from benchmarks import timing  # noqa: E402
+from benchmarks.topk_selections import CASES  # noqa: E402
 from trustsgd_jax import compress, models, results  # noqa: E402
 
 FLAGS = flags.FLAGS

@@ -1,7 +1,7 @@
 r"""Throughput of membership inference: shadow-model training and scoring.
 
-    python -m experiments.bench_mia                       # CPU default (ConvNet) and ResNet-18
-    python -m experiments.bench_mia --models=convnet --shadows=8
+    python -m benchmarks.bench_mia                       # CPU default (ConvNet) and ResNet-18
+    python -m benchmarks.bench_mia --models=convnet --shadows=8
 
 Shadow training images/s (all models together) for K models trained one
 after another (``train.fit``) and K models at once (``train.fit_many``: the
@@ -12,7 +12,7 @@ Timings exclude the first (compiling) steps.
 
 from __future__ import annotations
 
-from experiments.xla_env import simulate_cpu_devices
+from trustsgd_jax.devices import simulate_cpu_devices
 
 simulate_cpu_devices(8)
 

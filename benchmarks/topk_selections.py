@@ -1,4 +1,4 @@
-"""Exact alternatives to ``lax.top_k`` for Top-K's selection, timed by `experiments.bench_topk_select`.
+"""Exact alternatives to ``lax.top_k`` for Top-K's selection, timed by `benchmarks.bench_topk_select`.
 
 Each returns the indices of the k largest entries of a >= 0, the same set as
 ``lax.top_k`` (ties to the lowest index; tested). Neither was faster on this
