@@ -205,7 +205,7 @@ def none() -> Compressor:
         n = num_workers(axis_name)
         avg = [s / n for s in psum_many(leaves, axis_name)]
         msg = [Dense(g) for g in leaves]
-        return treedef.unflatten(avg), state, treedef.unflatten(msg)
+        return jax.tree.unflatten(treedef, avg), state, jax.tree.unflatten(treedef, msg)
 
     return Compressor("none", lambda p: new_state(p, memory=False), guarded("none", core), decompress)
 

@@ -21,8 +21,8 @@ def _elementwise_compressor(name, error_feedback, encode):
         n = num_workers(axis_name)
         avg = [s / n for s in psum_many(decoded, axis_name)]
         memory = [p - d for p, d in zip(ps, decoded)]
-        new = state.replace(memory=treedef.unflatten(memory) if state.memory is not None else None)
-        return treedef.unflatten(avg), new, treedef.unflatten(msgs)
+        new = state.replace(memory=jax.tree.unflatten(treedef, memory) if state.memory is not None else None)
+        return jax.tree.unflatten(treedef, avg), new, jax.tree.unflatten(treedef, msgs)
 
     return Compressor(name, lambda p: new_state(p, memory=error_feedback), guarded(name, core), decompress)
 

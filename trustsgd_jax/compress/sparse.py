@@ -66,8 +66,8 @@ def _sparse_core(name, ratio, k, select, indices_on_wire: bool):
             avg.append((jnp.zeros((p.size,), p.dtype).at[ix].add(v) / n).reshape(p.shape))
             offset += kk
         msg = [Sparse(v, ix, tuple(p.shape), indices_on_wire) for v, ix, p in zip(values, indices, ps)]
-        new = state.replace(memory=treedef.unflatten(memory) if state.memory is not None else None)
-        return treedef.unflatten(avg), new, treedef.unflatten(msg)
+        new = state.replace(memory=jax.tree.unflatten(treedef, memory) if state.memory is not None else None)
+        return jax.tree.unflatten(treedef, avg), new, jax.tree.unflatten(treedef, msg)
 
     return core
 
