@@ -28,54 +28,22 @@ from __future__ import annotations
 
 import math
 import pathlib
-from collections import defaultdict
 
 import numpy as np
 
-from experiments import claims, paper_values
-from trustsgd_jax import results
-
-ATTACKERS = ("observed", "strongest")
-DATASETS = ("mnist", "cifar10", "cifar100")
-CONFIGS = (
-    "none",
-    "powersgd:1",
-    "powersgd:2",
-    "powersgd:4",
-    "powersgd:30",
-    "powersgd:50",
-    "topk_level:1",
-    "topk_level:2",
-    "topk_level:4",
-    "topk_level:30",
-    "topk_level:50",
+from experiments import paper_values
+from experiments.report import claims
+from experiments.report.claims import (
+    ATTACKERS,
+    CONFIGS,
+    DATASETS,
+    NEAR_ZERO,
+    cells,
+    claim_rows,
+    mixed_revisions,
+    table_rows,
 )
-RANKS = (1, 2, 4, 30, 50)
-# "Near zero": a reconstruction whose SSIM with the original stays below this shows no recognisable structure (the
-# train-mode controls, where nothing is recovered, score -0.01..0.05). The claim holds where the interval of the
-# cell's mean SSIM lies below it.
-NEAR_ZERO = 0.1
-
-
-def victim_label(r: dict) -> str:
-    step = r.get("attack_step", 0)
-    return "init" if not step else f"step {step}"
-
-
-def bn_label(r: dict) -> str:
-    return f"{r.get('batchnorm', 'sync')}-{r['bn_statistics']}"
-
-
-def attacker_scores(r: dict) -> dict[str, list[float]]:
-    """Per-image SSIM of each attacker this record gives (observed, strongest)."""
-    out = {}
-    if r["threat"] == "strongest":
-        out["strongest"] = r["ssim"]
-        if "observed" in r.get("candidate_ssim", {}):
-            out["observed"] = r["candidate_ssim"]["observed"]
-    elif r["threat"] == "observed":
-        out["observed"] = r["ssim"]
-    return out
+from trustsgd_jax import results
 
 
 def read_study(study: pathlib.Path) -> dict[str, list[dict]]:
@@ -91,106 +59,6 @@ def read_study(study: pathlib.Path) -> dict[str, list[dict]]:
         if records:
             out[str(workdir)] = records
     return out
-
-
-def cells(records: list[dict]) -> dict[tuple, dict]:
-    """{(dataset, victim, bn_mode, attacker, compressor): {"ssim": {image: value}, "revisions": set, ...}}."""
-    out: dict[tuple, dict] = defaultdict(lambda: {"ssim": {}, "revisions": set(), "devices": set(), "records": []})
-    for r in records:
-        for attacker, values in attacker_scores(r).items():
-            cell = out[(r["dataset"], victim_label(r), bn_label(r), attacker, r["compressor"])]
-            for image, value in zip(r["image_ids"], values, strict=True):
-                cell["ssim"][int(image)] = float(value)
-            cell["revisions"].add(r.get("code_revision", "unknown"))
-            cell["devices"].add(r.get("devices", "unknown"))
-            cell["records"].append(r)
-    return dict(out)
-
-
-def mixed_revisions(cell_map: dict[tuple, dict]) -> list[tuple]:
-    """The cells whose records come from more than one code revision (or an unrecorded one)."""
-    return [k for k, c in cell_map.items() if len(c["revisions"]) > 1 or "unknown" in c["revisions"]]
-
-
-def table_rows(cell_map: dict[tuple, dict]) -> list[dict]:
-    rows = []
-    for (dataset, victim, bn, attacker, spec), c in sorted(cell_map.items(), key=_cell_order):
-        iv = claims.mean_interval(list(c["ssim"].values()))
-        paper = paper_values.TABLE1.get(dataset, {}).get(spec, (math.nan, math.nan))
-        rows.append(
-            dict(
-                dataset=dataset,
-                victim=victim,
-                bn_mode=bn,
-                attacker=attacker,
-                configuration=spec,
-                model=c["records"][0].get("model", "?"),
-                n=iv.n,
-                mean=iv.mean,
-                lo=iv.lo,
-                hi=iv.hi,
-                paper_mean=paper[0],
-                paper_std=paper[1],
-                revisions=len(c["revisions"]),
-                mixed=len(c["revisions"]) > 1 or "unknown" in c["revisions"],
-            )
-        )
-    return rows
-
-
-def _cell_order(item) -> tuple:
-    dataset, victim, bn, attacker, spec = item[0]
-    d = DATASETS.index(dataset) if dataset in DATASETS else len(DATASETS)
-    s = CONFIGS.index(spec) if spec in CONFIGS else len(CONFIGS)
-    return (victim != "init", victim, bn, d, dataset, ATTACKERS.index(attacker), s, spec)
-
-
-def claim_rows(cell_map: dict[tuple, dict]) -> list[dict]:
-    """Every claim of the paper, per (dataset, victim, BatchNorm mode, attacker), where both cells exist."""
-    settings = sorted({k[:4] for k in cell_map}, key=lambda k: (k[1], k[2], k[0], k[3]))
-    rows = []
-    for dataset, victim, bn, attacker in settings:
-        info = dict(dataset=dataset, victim=victim, bn_mode=bn, attacker=attacker)
-
-        def ssim(spec, key=(dataset, victim, bn, attacker)):
-            cell = cell_map.get((*key, spec))
-            return None if cell is None else cell["ssim"]
-
-        def pair(claim, a, b, info=info):
-            sa, sb = ssim(a), ssim(b)
-            if sa is not None and sb is not None:
-                rows.append(claims.claim_row(claim, info, a, b, claims.paired_interval(sa, sb)))
-
-        for spec in CONFIGS[1:]:
-            pair("SGD leaks more than the compressor", "none", spec)
-        for low, high in [*zip(RANKS, RANKS[1:]), (RANKS[0], RANKS[-1])]:
-            pair("PowerSGD leakage grows with rank", f"powersgd:{high}", f"powersgd:{low}")
-        for r in RANKS:
-            pair("Top-K leaks less than PowerSGD at the same wire size", f"powersgd:{r}", f"topk_level:{r}")
-        for spec in CONFIGS[1:]:
-            sb = ssim(spec)
-            if sb is not None:
-                bound = {i: NEAR_ZERO for i in sb}
-                iv = claims.paired_interval(bound, sb)
-                rows.append(
-                    claims.claim_row("compression reduces SSIM to near zero", info, f"SSIM {NEAR_ZERO}", spec, iv)
-                )
-    # MNIST against each CIFAR: different images, so Welch's unpaired interval, per configuration.
-    for victim, bn, attacker in sorted({(k[1], k[2], k[3]) for k in cell_map}):
-        for other in ("cifar10", "cifar100"):
-            for spec in CONFIGS:
-                ca, cb = (
-                    cell_map.get(("mnist", victim, bn, attacker, spec)),
-                    cell_map.get((other, victim, bn, attacker, spec)),
-                )
-                if ca is None or cb is None:
-                    continue
-                iv = claims.welch_interval(list(ca["ssim"].values()), list(cb["ssim"].values()))
-                info = dict(dataset=f"mnist vs {other} (unpaired)", victim=victim, bn_mode=bn, attacker=attacker)
-                rows.append(
-                    claims.claim_row("MNIST leaks more than CIFAR", info, f"mnist {spec}", f"{other} {spec}", iv)
-                )
-    return rows
 
 
 def _f(v: float, fmt: str = ".3f") -> str:

@@ -1,8 +1,8 @@
-"""Paired verdicts from records (experiments.claims, experiments.table1): each verdict where the data say so."""
+"""Paired verdicts from records (experiments.report.claims): each verdict where the data say so."""
 
 import math
 
-from experiments import claims, table1
+from experiments.report import claims
 
 
 def record(spec, ssim, observed=None, images=(1, 2, 3, 4), revision="git:a", dataset="cifar10"):
@@ -33,7 +33,7 @@ def test_holds_contradicted_undecided():
         record("powersgd:2", [0.30, 0.02, 0.25, 0.01]),  # against rank 1: noise both ways, undecided
         record("topk_level:1", [0.50, 0.60, 0.55, 0.52]),  # above PowerSGD rank 1: "Top-K leaks less" contradicted
     ]
-    rows = table1.claim_rows(table1.cells(recs))
+    rows = claims.claim_rows(claims.cells(recs))
     assert verdicts(rows, "SGD leaks more than the compressor", "none", "powersgd:1") == ["holds"]
     assert verdicts(rows, "PowerSGD leakage grows with rank", "powersgd:2", "powersgd:1") == ["undecided"]
     top = "Top-K leaks less than PowerSGD at the same wire size"
@@ -47,7 +47,7 @@ def test_attackers_are_separate_claims():
         record("none", [0.9, 0.8, 0.85, 0.95], observed=[0.9, 0.8, 0.85, 0.95]),
         record("powersgd:4", [0.8, 0.7, 0.9, 0.85], observed=[0.01, 0.02, 0.03, 0.0]),
     ]
-    rows = table1.claim_rows(table1.cells(recs))
+    rows = claims.claim_rows(claims.cells(recs))
     claim = "SGD leaks more than the compressor"
     assert verdicts(rows, claim, "none", "powersgd:4", "observed") == ["holds"]
     assert verdicts(rows, claim, "none", "powersgd:4", "strongest") == ["undecided"]
@@ -66,24 +66,24 @@ def test_mnist_claim_is_unpaired_welch():
         record("none", [0.99, 0.98, 0.97, 0.99], images=(5, 6, 7, 8), dataset="mnist"),
         record("none", [0.30, 0.20, 0.25, 0.35]),
     ]
-    rows = table1.claim_rows(table1.cells(recs))
+    rows = claims.claim_rows(claims.cells(recs))
     (row,) = [r for r in rows if r["claim"] == "MNIST leaks more than CIFAR" and r["attacker"] == "strongest"]
     assert row["verdict"] == "holds" and "unpaired" in row["dataset"] and row["n"] == 8
 
 
 def test_mixed_revisions_are_flagged():
     recs = [record("none", [0.9, 0.8], images=(1, 2)), record("none", [0.7, 0.6], images=(3, 4), revision="git:b")]
-    cell_map = table1.cells(recs)
-    assert set(table1.mixed_revisions(cell_map)) == {
+    cell_map = claims.cells(recs)
+    assert set(claims.mixed_revisions(cell_map)) == {
         ("cifar10", "init", "local-eval", "observed", "none"),
         ("cifar10", "init", "local-eval", "strongest", "none"),
     }
-    assert all(r["mixed"] for r in table1.table_rows(cell_map))
-    one = table1.cells([record("none", [0.9, 0.8], images=(1, 2))])
-    assert table1.mixed_revisions(one) == [] and not any(r["mixed"] for r in table1.table_rows(one))
+    assert all(r["mixed"] for r in claims.table_rows(cell_map))
+    one = claims.cells([record("none", [0.9, 0.8], images=(1, 2))])
+    assert claims.mixed_revisions(one) == [] and not any(r["mixed"] for r in claims.table_rows(one))
 
 
 def test_claims_csv_columns():
     recs = [record("none", [0.9, 0.8, 0.85, 0.95]), record("powersgd:1", [0.1, 0.2, 0.12, 0.15])]
-    text = claims.csv_text(table1.claim_rows(table1.cells(recs)))
+    text = claims.csv_text(claims.claim_rows(claims.cells(recs)))
     assert text.splitlines()[0] == ",".join(claims.COLUMNS)

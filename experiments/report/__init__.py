@@ -15,7 +15,8 @@ Modules, one per part of the reports:
 * `mia`: Table 2 (membership inference), matched steps and utility,
   reference budgets, and the utility table.
 * `figures`: every figure.
-* `summary`: report.md, and the paper's claims it checks (`summary.claims`,
+* `claims`: the paper's gradient-inversion claims as paired verdicts (claims.md/.csv);
+* `summary`: report.md, with those verdicts and the MIA claims (`summary.mia_claims`,
   passed to `summary.report_markdown` by `write_reports`: the one place a
   claims module plugs in).
 * `labels`: the order, names and number formats the others share.
@@ -26,7 +27,7 @@ from __future__ import annotations
 import pathlib
 import sys
 
-from experiments.report import figures, mia, summary, tables
+from experiments.report import claims, figures, mia, summary, tables
 from experiments.report.mia import utility_matched
 from trustsgd_jax import results
 
@@ -89,7 +90,14 @@ def write_reports(workdir) -> list[pathlib.Path]:
         put("mia_matched.md", mia.mia_matched_markdown(mrows))
     if any(r["budgets"] for r in mrows):
         put("mia_budget.md", mia.mia_budget_markdown(mrows))
-    put("report.md", summary.report_markdown(rows, mrows, setting, paper_match, summary.claims(rows, mrows)))
+    verdicts = claims.claim_rows(claims.cells(g))
+    claim_lines = (claims.summary_lines(verdicts) if verdicts else ["- No paired gradient-inversion cells yet."]) + (
+        summary.mia_claims(mrows)
+    )
+    put("report.md", summary.report_markdown(rows, mrows, setting, paper_match, claim_lines))
+    if verdicts:
+        put("claims.md", "# The paper's claims: paired verdicts\n\n" + claims.markdown_table(verdicts) + "\n")
+        put("claims.csv", claims.csv_text(verdicts))
     for name, draw in (
         ("figure1.png", lambda p: figures.figure1(g, workdir, p)),
         ("ssim_vs_compression.png", lambda p: figures.ssim_vs_compression(rows, p)),

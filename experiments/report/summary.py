@@ -1,16 +1,16 @@
 """report.md: the run beside the paper, and which of the paper's claims it confirms.
 
-The claims are the lines `claims` returns; `report_markdown` takes them as
-an argument, so that they can come from elsewhere (`write_reports` passes
-this module's).
+The claims are lines that `report_markdown` takes as an argument:
+`write_reports` passes the paired gradient-inversion verdicts of
+`experiments.report.claims` and this module's `mia_claims`.
 """
 
 from __future__ import annotations
 
 from experiments import paper_values
-from experiments.report.labels import ci_text, fmt, metric_cell, mode_key, mode_label, parsed_spec, spec_label
+from experiments.report.labels import ci_text, fmt, metric_cell, spec_label
 from experiments.report.mia import fit_label, utility_matched
-from trustsgd_jax import compress, results
+from trustsgd_jax import results
 
 
 def report_markdown(
@@ -82,87 +82,6 @@ def table2_beside_paper(mrows: list[dict]) -> list[str]:
 
 def verdict(ok: bool) -> str:
     return "confirmed" if ok else "NOT confirmed"
-
-
-def claims(rows: list[dict], mrows: list[dict]) -> list[str]:
-    """Which of the paper's claims this run confirms, per BatchNorm mode and observer, with the numbers behind each."""
-    out = []
-    for m in sorted({(r["bn_statistics"], r["observer"]) for r in rows}, key=mode_key):
-        lines = gradinv_claims([r for r in rows if (r["bn_statistics"], r["observer"]) == m])
-        out += [f"- *{mode_label(m)}*:"] + ["  " + line for line in lines]
-    out += mia_claims(mrows)
-    return out or ["- No configurations finished yet."]
-
-
-def gradinv_claims(rows: list[dict]) -> list[str]:
-    """The paper's Table 1 claims (and the extensions') for one BatchNorm mode and observer."""
-    out = []
-    by = {(r["dataset"], r["compressor"]): r for r in rows}
-    datasets = sorted({r["dataset"] for r in rows})
-
-    for d in datasets:
-        base = by.get((d, "none"))
-        comp = [r for r in rows if r["dataset"] == d and r["compressor"] != "none" and "ssim_mean" in r]
-        if base and comp and "ssim_mean" in base:
-            worst = max(comp, key=lambda r: r["ssim_mean"])
-            out.append(
-                f"- Uncompressed SGD leaks most ({d}): {verdict(base['ssim_mean'] > worst['ssim_mean'])} "
-                f"(SGD {base['ssim_mean']:.3f}; most-leaking compressed: {worst['compressor']} "
-                f"{worst['ssim_mean']:.3f})."
-            )
-        specs = [(r, parsed_spec(r["compressor"])) for r in comp]
-        pw = sorted((int(s.number), r["ssim_mean"]) for r, s in specs if s and s.kind == "powersgd")
-        if len(pw) >= 2:
-            mono = all(b >= a - 0.02 for (_, a), (_, b) in zip(pw, pw[1:]))
-            out.append(
-                f"- PowerSGD leakage grows with rank ({d}): {verdict(mono and pw[-1][1] > pw[0][1])} "
-                f"({', '.join(f'r{k}: {v:.3f}' for k, v in pw)})."
-            )
-        # Top-K at level l against PowerSGD at rank l: the same words on the wire.
-        pairs = []
-        for t, s in specs:
-            if s is None or s.kind != "topk_level":
-                continue
-            p = by.get((d, str(compress.Spec("powersgd", s.arg))))
-            if p and "ssim_mean" in p:
-                pairs.append((s.arg, p, t))
-        if pairs:
-            ok = all(t["ssim_mean"] < p["ssim_mean"] for _, p, t in pairs)
-            out.append(
-                f"- Top-K leaks less than PowerSGD at the same wire size ({d}): {verdict(ok)} ("
-                + ", ".join(
-                    f"level {lvl}: Top-K {t['ssim_mean']:.3f} vs PowerSGD {p['ssim_mean']:.3f}" for lvl, p, t in pairs
-                )
-                + ")."
-            )
-        strong = [r for r in rows if r["dataset"] == d and "strongest_ssim_mean" in r and "ssim_mean" in r]
-        if strong:
-            below = [
-                r for r in strong if (r.get("strongest_ssim_ci") or (r["strongest_ssim_mean"],) * 2)[1] < r["ssim_mean"]
-            ]
-            out.append(
-                f"- Extension, `strongest` at least as strong as the paper's attacker ({d}, within its 95% "
-                f"interval): {verdict(not below)} in {len(strong) - len(below)} of {len(strong)} cells"
-                + (f"; below in {', '.join(r['compressor'] for r in below)}" if below else "")
-                + "."
-            )
-        ada = [(r["compressor"], r["ssim_mean"], r["adaptive_ssim_mean"]) for r in comp if "adaptive_ssim_mean" in r]
-        if ada:
-            best = max(ada, key=lambda a: a[2] - a[1])
-            better = sum(a[2] > a[1] for a in ada)
-            out.append(
-                f"- Extension, compression-aware attacker ({d}): beats the paper's attacker on {better} of "
-                f"{len(ada)} compressors; largest difference on {best[0]} ({best[1]:.3f} -> {best[2]:.3f} "
-                "SSIM)."
-            )
-    sgd = {d: by[(d, "none")]["ssim_mean"] for d in datasets if (d, "none") in by and "ssim_mean" in by[(d, "none")]}
-    if "mnist" in sgd and len(sgd) > 1:
-        others = {d: v for d, v in sgd.items() if d != "mnist"}
-        out.append(
-            f"- MNIST leaks more than CIFAR under SGD: {verdict(all(sgd['mnist'] > v for v in others.values()))}"
-            f" (mnist {sgd['mnist']:.3f}; " + ", ".join(f"{d} {v:.3f}" for d, v in others.items()) + ")."
-        )
-    return out
 
 
 def overlap(a, b) -> bool:

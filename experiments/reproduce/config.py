@@ -115,6 +115,12 @@ flags.DEFINE_string("data_source", "auto", "auto | npz | sample | tfds")
 flags.DEFINE_string("data_dir", None, "directory of {dataset}.npz (else $TRUSTSGD_DATA_DIR, else bundled sample)")
 flags.DEFINE_string("tfds_data_dir", None, "prepared TFDS data_dir for --data_source=tfds")
 flags.DEFINE_string("workdir", "runs/reproduce", "output directory (resumable)")
+flags.DEFINE_string(
+    "committed_study",
+    "results/table1",
+    "a committed study whose table1_rows.json the run's cells are printed beside (committed_table1.md; skipped "
+    "where the folder does not exist, e.g. outside a checkout; '' turns it off)",
+)
 flags.DEFINE_integer("seed", 0, "seed")
 flags.DEFINE_string(
     "compilation_cache_dir",
@@ -208,6 +214,7 @@ class Config:
     tfds_data_dir: str | None
     # The run itself: where, on what, how shown.
     workdir: str
+    committed_study: str
     compilation_cache_dir: str
     cpu_devices: int
     progress: bool
@@ -302,6 +309,7 @@ def from_flags(fv: flags.FlagValues = FLAGS) -> Config:
         data_dir=value("data_dir"),
         tfds_data_dir=value("tfds_data_dir"),
         workdir=value("workdir"),
+        committed_study=value("committed_study"),
         compilation_cache_dir=value("compilation_cache_dir"),
         cpu_devices=cpu_devices or (MIA_CPU_DEVICES if value("mia") else value("workers")),
         progress=value("progress"),

@@ -7,6 +7,7 @@ can run one without the command line.
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import time
@@ -17,6 +18,7 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from experiments import report
+from experiments.report import claims
 from experiments.reproduce import config, plan, units
 from experiments.reproduce.config import Config, ConfigError
 from trustsgd_jax import data, devices, models, results
@@ -97,7 +99,25 @@ def run(cfg: Config) -> int:
             print(f"merged {moved} units of the other processes into {workdir / 'results.jsonl'}", flush=True)
         written = report.write_reports(workdir)
         print("reports: " + ", ".join(str(p) for p in written), flush=True)
+        print_beside_committed(workdir, cfg.committed_study)
     return 0
+
+
+def print_beside_committed(workdir: pathlib.Path, study: str) -> None:
+    """Prints (and writes to committed_table1.md) this run's cells beside the committed study's cells."""
+    rows_path = pathlib.Path(study) / "table1_rows.json" if study else None
+    if rows_path is None or not rows_path.is_file():
+        return
+    fresh = claims.cells([r for r in plan.read_all_records(workdir) if r.get("kind") == "gradinv"])
+    if not fresh:
+        return
+    text = (
+        f"# This run beside the committed study {study}\n\nThe committed cells come from `{study}` (its own "
+        f"images, many per cell; `{study}/table1.md` shows them all); this run's from its own images.\n\n"
+        + claims.beside_committed(fresh, json.loads(rows_path.read_text()), study)
+    )
+    results.write_atomic(workdir / "committed_table1.md", text)
+    print(text, flush=True)
 
 
 def read_done(workdir: pathlib.Path, process_id: int) -> list[dict]:
