@@ -25,7 +25,8 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from trustsgd_jax import compress, data, models, results, train  # noqa: E402
-from trustsgd_jax.attacks import gradinv, landscape, objectives, victim  # noqa: E402
+from trustsgd_jax.attacks import invert as gradinv  # noqa: E402
+from trustsgd_jax.attacks import landscape, objectives, victim  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["convnet", "resnet18"], "models")

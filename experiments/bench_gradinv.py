@@ -60,7 +60,8 @@ from absl import app, flags  # noqa: E402
 
 from experiments import op_profile, timing  # noqa: E402
 from trustsgd_jax import compress, data, models, results  # noqa: E402
-from trustsgd_jax.attacks import gradinv, objectives, victim  # noqa: E402
+from trustsgd_jax.attacks import invert as gradinv  # noqa: E402
+from trustsgd_jax.attacks import objectives, victim  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "resnet18", "convnet | resnet18")

@@ -55,7 +55,8 @@ from tqdm.auto import tqdm  # noqa: E402
 from experiments import report  # noqa: E402
 from experiments.presets import PRESETS  # noqa: E402
 from trustsgd_jax import compress, data, models, results, train  # noqa: E402
-from trustsgd_jax.attacks import gradinv, membership, objectives, shadows, victim  # noqa: E402
+from trustsgd_jax.attacks import audit as gradinv  # noqa: E402
+from trustsgd_jax.attacks import membership, objectives, shadows, victim  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("preset", "quick", list(PRESETS), "flag defaults: tiny (tests), quick (CPU), table1, paper")
