@@ -9,14 +9,14 @@ Rows (all in one run, on this machine):
 * every attacker of `attacks.objectives` on its compressor's message (SGD,
   PowerSGD rank 1, Top-K level 1; a one-worker eval-mode round: the attack's
   cost does not depend on the round), one attack at a time, in fp32; the
-  first attacker also in bf16 (`gradinv.attack_model(..., matmul_dtype="bfloat16")`);
+  first attacker also in bf16 (`invert.attack_model(..., matmul_dtype="bfloat16")`);
 * N attacks batched in one program (``--widths``), aggregate it/s;
 * `strongest`'s candidates side by side in one program (``--together``:
   every applicable objective of the compressor's message, one attack each,
-  as `gradinv.invert_gradients` runs them), aggregate it/s, against the
+  as `invert.invert_gradients` runs them), aggregate it/s, against the
   same objectives timed one program each above;
 * the same batch spread over 2 local devices (a subprocess started with
-  ``--xla_force_host_platform_device_count=2``, `gradinv.AttackConfig.devices`);
+  ``--xla_force_host_platform_device_count=2``, `invert.AttackConfig.devices`);
 * a PyTorch eager Geiping loop on the same model shape (cosine + TV, Adam on
   the signed gradient, double backward; `benchmarks.torch_reference`) when
   ``torch`` is importable: the reference the speed target is set against
@@ -61,7 +61,7 @@ from absl import app, flags  # noqa: E402
 
 from benchmarks import op_profile, timing, torch_reference  # noqa: E402
 from trustsgd_jax import compress, data, models, results  # noqa: E402
-from trustsgd_jax.attacks import gradinv, objectives, victim  # noqa: E402
+from trustsgd_jax.attacks import invert, objectives, victim  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "resnet18", "convnet | resnet18")
@@ -84,9 +84,9 @@ flags.DEFINE_list("widths", ["4", "8"], "batched widths, timed for the first att
 flags.DEFINE_list(
     "together",
     ["powersgd:1", "topk_level:1"],
-    "compressors whose strongest candidates are also timed side by side in one program (gradinv.compile_attack)",
+    "compressors whose strongest candidates are also timed side by side in one program (invert.compile_attack)",
 )
-flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "matmul dtypes (gradinv.MATMUL_DTYPES)")
+flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "matmul dtypes (invert.MATMUL_DTYPES)")
 flags.DEFINE_list("devices", ["1", "2"], "local device counts for the batched rows (2: in a subprocess)")
 flags.DEFINE_integer("simulated_devices", 1, "simulated CPU devices of this process (set for the subprocess)")
 flags.DEFINE_bool(
@@ -159,23 +159,23 @@ def build_attack(model, variables, msgs, y, objective, dtype, width, devices, th
     """One row, compiled and called once: `width` attacks with `objective` on `devices` local devices.
 
     A tuple of objectives runs one attack per objective side by side in one
-    program (`gradinv.compile_attack`): the row's attacks are width x lanes.
+    program (`invert.compile_attack`): the row's attacks are width x lanes.
     Returns the row's fields and ``run``, one timed call (a chunk of
     ``--iterations``); `time_rows` times the rows.
 
-    ``thin_targets``: dense deep-layer targets as U V^T at their measured rank, as `gradinv.invert_gradients`
+    ``thin_targets``: dense deep-layer targets as U V^T at their measured rank, as `invert.invert_gradients`
     holds them (`objectives.dense_target_ranks`); False times the dense targets, for comparison.
     """
-    cfg = gradinv.AttackConfig(
+    cfg = invert.AttackConfig(
         iterations=10**6, chunk=FLAGS.iterations, parallel=width, matmul_dtype=dtype, devices=devices
     )
-    attacker = gradinv.attack_model(model, dtype)
+    attacker = invert.attack_model(model, dtype)
     batch = [msgs[i % len(msgs)] for i in range(width)]
     names = (objective,) if isinstance(objective, str) else tuple(objective)
     ranks = None
     if any(objectives.takes_thin_targets(name) for name in names):
         ranks = objectives.dense_target_ranks(attacker, variables, batch, (1, 32, 32, 3), False)
-    attack = gradinv.compile_attack(
+    attack = invert.compile_attack(
         attacker,
         variables,
         objective,
@@ -263,7 +263,7 @@ def _ratio(row: dict, base: dict) -> float:
 
 def profile_line(model, variables, msgs, y) -> str:
     """Where one fp32 observed iteration goes: the dummy gradient, its second backward, the rest (timed apart)."""
-    attacker = gradinv.attack_model(model)
+    attacker = invert.attack_model(model)
     x = jax.random.normal(jax.random.key(1), (1, 32, 32, 3))
     yy = jnp.asarray(y[:1])
     weights = [1.0] * len(jax.tree.leaves(variables["params"]))

@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from trustsgd_jax import compress, data, models, results, train  # noqa: E402
-from trustsgd_jax.attacks import gradinv, landscape, objectives, victim  # noqa: E402
+from trustsgd_jax.attacks import invert, landscape, objectives, victim  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["convnet", "resnet18"], "models")
@@ -87,7 +87,7 @@ def main(argv):
                     others = x_all[order[-8 * b :]].reshape(8, b, *x_all.shape[1:])
                     profiles.append(
                         landscape.loss_profile(
-                            gradinv.attack_model(model),
+                            invert.attack_model(model),
                             variables,
                             msg,
                             x_all[mine],

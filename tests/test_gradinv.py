@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from trustsgd_jax import compress, data, metrics, models, train
-from trustsgd_jax.attacks import gradinv, labels, objectives, victim
+from trustsgd_jax.attacks import audit, errors, factored, gradients, invert, labels, objectives, victim
 
-CFG = gradinv.AttackConfig(iterations=400, chunk=100, parallel=4)
+CFG = invert.AttackConfig(iterations=400, chunk=100, parallel=4)
 
 
 def one_worker_message(model, variables, x, y, compressor, bn_statistics="eval", comp_state=None):
@@ -34,7 +34,7 @@ def ssim_by_setting(cifar):
     # Top-K's observed SSIM comes from `strongest`'s own `observed` candidate (the same seeds and budget), so
     # the comparison needs no fourth attack.
     for spec, threat in [("none", "observed"), ("powersgd:1", "observed"), ("topk_level:1", "strongest")]:
-        r = gradinv.audit(
+        r = audit.audit(
             model,
             variables,
             x,
@@ -43,7 +43,9 @@ def ssim_by_setting(cifar):
             dataset="cifar10",
             threat=threat,
             config=CFG,
+            workers=1,
             bn_statistics="eval",
+            batchnorm="sync",
             progress=False,
         )
         assert np.isfinite(r.per_image["ssim"]).all()
@@ -77,24 +79,24 @@ def test_factored_gradients_equal_plain_autodiff(cifar):
     variables = models.init_variables(model, jax.random.key(1), (16, 16, 3))
     x = data.normalize(ds.x_train[:2, ::2, ::2], "cifar10")
     y = jnp.asarray(ds.y_train[:2].astype(np.int32))
-    plain = jax.tree.leaves(jax.jit(objectives.param_grads, static_argnums=0)(model, variables, x, y))
-    factored = jax.jit(objectives.factored_param_grads, static_argnums=0)(model, variables, x, y)
+    plain = jax.tree.leaves(jax.jit(gradients.param_grads, static_argnums=0)(model, variables, x, y))
+    fact = jax.jit(gradients.factored_param_grads, static_argnums=0)(model, variables, x, y)
     routes = set()
-    for p, f in zip(plain, factored):
-        if isinstance(f, objectives.Factored):
+    for p, f in zip(plain, fact):
+        if isinstance(f, factored.Factored):
             rows, k, c = f.patches.size // f.patches.shape[-1], f.patches.shape[-1], f.cotangent.shape[-1]
             routes.add(rows * (k + c) < k * c)  # True: the Gram route
             f = f.dense(p.shape)
         np.testing.assert_allclose(f, p, rtol=1e-4, atol=1e-6)
     assert routes == {True, False}, "both the Gram and the explicit route should be exercised"
     # A target from other images; the linear weights make the tensor order matter.
-    target = jax.tree.leaves(objectives.param_grads(model, variables, x[::-1] + 0.5, y))
+    target = jax.tree.leaves(gradients.param_grads(model, variables, x[::-1] + 0.5, y))
     w = objectives.tensor_weights(len(target), "linear")
     loss_plain = lambda z: objectives.cosine_distance(
-        jax.tree.leaves(objectives.param_grads(model, variables, z, y)), target, w
+        jax.tree.leaves(gradients.param_grads(model, variables, z, y)), target, w
     )
     loss_factored = lambda z: objectives.cosine_distance(
-        objectives.factored_param_grads(model, variables, z, y), target, w
+        gradients.factored_param_grads(model, variables, z, y), target, w
     )
     np.testing.assert_allclose(jax.jit(loss_factored)(x), jax.jit(loss_plain)(x), rtol=1e-5)
     g_plain, g_factored = jax.jit(jax.grad(loss_plain))(x), jax.jit(jax.grad(loss_factored))(x)
@@ -119,7 +121,7 @@ def test_adaptive_powersgd_matches_projected_gradient(cifar):
     ds, model, variables = cifar
     x, y = data.normalize(ds.x_train[:1], "cifar10"), ds.y_train[:1]
     msg = one_worker_message(model, variables, x, y, compress.powersgd(2))
-    grads = objectives.param_grads(model, variables, x, y)
+    grads = gradients.param_grads(model, variables, x, y)
     # At the true image the adaptive features coincide: M(x)^T P_hat == sent Q.
     a = objectives.dummy_features(grads, msg, "factors")
     b = objectives.target_features(msg, "factors")
@@ -179,25 +181,25 @@ def test_bad_inputs_raise_clear_errors(cifar):
     x, y = data.normalize(ds.x_train[:1], "cifar10"), ds.y_train[:1]
     c = compress.none()
     kw = dict(dataset="cifar10", config=CFG, progress=False)
-    with pytest.raises(gradinv.AttackError, match="does not take images of shape"):
-        gradinv.audit(model, variables, np.zeros((1, 28, 28, 1), np.float32), y, c, **kw)
-    with pytest.raises(gradinv.AttackError, match="normalised floats"):
-        gradinv.audit(model, variables, ds.x_train[:1], y, c, **kw)
-    with pytest.raises(gradinv.AttackError, match=r"labels must lie in \[0, 10\)"):
-        gradinv.audit(model, variables, x, np.array([10]), c, **kw)
-    with pytest.raises(gradinv.AttackError, match="iterations >= 1"):
-        gradinv.audit(model, variables, x, y, c, dataset="cifar10", config=CFG._replace(iterations=0))
-    with pytest.raises(gradinv.AttackError, match="unknown threat"):
-        gradinv.audit(model, variables, x, y, c, threat="oracle", **kw)
+    with pytest.raises(errors.AttackError, match="applying the model to one image of shape"):
+        audit.audit(model, variables, np.zeros((1, 28, 28, 1), np.float32), y, c, **kw)
+    with pytest.raises(errors.AttackError, match="normalised floats"):
+        audit.audit(model, variables, ds.x_train[:1], y, c, **kw)
+    with pytest.raises(errors.AttackError, match=r"labels must lie in \[0, 10\)"):
+        audit.audit(model, variables, x, np.array([10]), c, **kw)
+    with pytest.raises(errors.AttackError, match="iterations >= 1"):
+        audit.audit(model, variables, x, y, c, dataset="cifar10", config=CFG._replace(iterations=0))
+    with pytest.raises(errors.AttackError, match="unknown threat"):
+        audit.audit(model, variables, x, y, c, threat="oracle", **kw)
     other = models.make_model("convnet", 10, norm="batch", width=8)
     other_vars = models.init_variables(other, jax.random.key(0), (32, 32, 3))
     foreign = one_worker_message(other, other_vars, x, y, c)
-    with pytest.raises(gradinv.AttackError, match="another model"):
-        gradinv.invert_gradients(model, variables, [foreign], y[None], (32, 32, 3), "cifar10", config=CFG)
+    with pytest.raises(errors.AttackError, match="another model"):
+        invert.invert_gradients(model, variables, [foreign], y[None], (32, 32, 3), "cifar10", config=CFG)
     zeros = jax.tree.map(jnp.zeros_like, variables["params"])
     zero_msg = c.reduce(zeros, c.init(variables["params"]), None)[2]
-    with pytest.raises(gradinv.AttackError, match="all zeros"):
-        gradinv.invert_gradients(model, variables, [zero_msg], y[None], (32, 32, 3), "cifar10", config=CFG)
+    with pytest.raises(errors.AttackError, match="all zeros"):
+        invert.invert_gradients(model, variables, [zero_msg], y[None], (32, 32, 3), "cifar10", config=CFG)
 
 
 def test_attack_at_step_t_of_a_real_compressed_run():
@@ -219,7 +221,7 @@ def test_attack_at_step_t_of_a_real_compressed_run():
     assert not np.allclose(
         compress.decompress(later)["Conv_1"]["kernel"], compress.decompress(first)["Conv_1"]["kernel"]
     )
-    r = gradinv.audit(
+    r = audit.audit(
         model,
         variables,
         x[:1],
@@ -237,7 +239,18 @@ def test_attack_at_step_t_of_a_real_compressed_run():
         progress=False,
     )
     assert np.isfinite(r.per_image["ssim"]).all() and r.iterations == 50
-    assert r.setting == dict(workers=4, batch=1, observer="worker", bn_statistics="train", batchnorm="local", step=5)
+    assert r.setting == dict(
+        workers=4,
+        batch=1,
+        observer="worker",
+        bn_statistics="train",
+        batchnorm="local",
+        step=5,
+        adapter="project-model",
+        train_argument=True,
+        batchnorm_sync="local",
+        loss="cross_entropy",
+    )
 
 
 def test_linear_layer_weights_follow_depth_on_resnet18():
@@ -267,9 +280,9 @@ def test_attacks_spread_over_8_devices_equal_one_device(cifar):
     out = {}
     for devices in (1, 8):
         # 4 batches x 2 restarts = 8 attacks: one per device, or all 8 vmapped on one.
-        cfg = gradinv.AttackConfig(iterations=30, chunk=15, restarts=2, parallel=8, devices=devices)
-        out[devices] = gradinv.invert_gradients(
-            gradinv.attack_model(model),
+        cfg = invert.AttackConfig(iterations=30, chunk=15, restarts=2, parallel=8, devices=devices)
+        out[devices] = invert.invert_gradients(
+            invert.attack_model(model),
             variables,
             msgs,
             y[:, None],
@@ -283,8 +296,8 @@ def test_attacks_spread_over_8_devices_equal_one_device(cifar):
     np.testing.assert_allclose(out[8].images, out[1].images, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(out[8].loss, out[1].loss, rtol=1e-4, atol=1e-6)
     assert out[8].chosen == out[1].chosen
-    with pytest.raises(gradinv.AttackError, match="local devices exist"):
-        gradinv.attack_devices(gradinv.AttackConfig(devices=9))
+    with pytest.raises(errors.AttackError, match="local devices exist"):
+        invert.attack_devices(invert.AttackConfig(devices=9))
 
 
 def test_attack_on_a_message_from_a_pmapped_round_runs_on_one_device(cifar):
@@ -297,9 +310,9 @@ def test_attack_on_a_message_from_a_pmapped_round_runs_on_one_device(cifar):
     round_ = victim.make_round(model, compress.none(), workers=2, bn_statistics="eval", batchnorm="local")
     msg = round_(variables, x[:, None], y[:, None]).message
     assert len(jax.tree.leaves(msg)[0].devices()) == 2  # what the round hands over
-    cfg = gradinv.AttackConfig(iterations=2, chunk=2, parallel=1, devices=1)
-    attack = gradinv.compile_attack(
-        gradinv.attack_model(model), variables, "observed", cfg, "cifar10", (16, 16, 3), train=False, width=1
+    cfg = invert.AttackConfig(iterations=2, chunk=2, parallel=1, devices=1)
+    attack = invert.compile_attack(
+        invert.attack_model(model), variables, "observed", cfg, "cifar10", (16, 16, 3), train=False, width=1
     )
     xs = jnp.zeros((1, 1, 16, 16, 3))
     out, _, _ = attack.run_chunk(xs, attack.init(xs), jax.tree.map(lambda t: t[None], msg), jnp.asarray(y[None, :1]), 2)

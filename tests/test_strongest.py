@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from trustsgd_jax import compress, data, models
-from trustsgd_jax.attacks import gradinv, landscape, objectives, victim
+from trustsgd_jax.attacks import audit, errors, factored, gradients, invert, landscape, objectives, victim
 
 SPECS = ["none", "powersgd:1", "powersgd:2", "topk:0.05", "randomk:0.1", "qsgd:4", "signsgd"]
 
@@ -43,7 +43,7 @@ CASES = [(spec, "eval") for spec in SPECS] + [(spec, "train") for spec in ("none
 def test_adaptive_objective_is_zero_at_the_truth_and_larger_away_from_it(setting, spec, bn_statistics):
     model, variables, x, y = setting
     msg = round_message(model, variables, x, y, spec, bn_statistics)
-    attacker = gradinv.attack_model(model)
+    attacker = invert.attack_model(model)
     train = bn_statistics == "train"
     victim_x, victim_y = jnp.asarray(x[:1]), jnp.asarray(y[:1])
     perturbed = victim_x + 0.3 * jax.random.normal(jax.random.key(1), victim_x.shape)
@@ -87,7 +87,7 @@ def test_with_batchnorm_traffic_every_objective_is_exact_on_a_synchronised_round
     names = objectives.applicable_objectives(msg)
     plain = objectives.applicable_objectives(seen.message)
     assert names == plain + [n + "+bn" for n in plain]
-    attacker = gradinv.attack_model(model)
+    attacker = invert.attack_model(model)
     victim_x, victim_y = jnp.asarray(x[:1]), jnp.asarray(y[:1])
     perturbed = victim_x + 0.3 * jax.random.normal(jax.random.key(1), victim_x.shape)
     weights = [1.0] * len(jax.tree.leaves(variables["params"]))
@@ -105,9 +105,9 @@ def test_with_batchnorm_traffic_every_objective_is_exact_on_a_synchronised_round
     consistency = jax.jit(objectives.consistency_loss(attacker, variables, True))
     chex.assert_trees_all_close(float(consistency(victim_x, msg, victim_y)), 0.0, atol=2e-5)
     assert float(consistency(perturbed, msg, victim_y)) > 1e-3
-    with pytest.raises(objectives.AttackError, match="BatchNorm traffic"):
+    with pytest.raises(errors.AttackError, match="BatchNorm traffic"):
         objectives.matching_loss(attacker, variables, "observed+bn", weights, True).prepare(seen.message)
-    with pytest.raises(objectives.AttackError, match="unknown objective"):
+    with pytest.raises(errors.AttackError, match="unknown objective"):
         objectives.matching_loss(attacker, variables, "observed+bnx", weights, True)
 
 
@@ -117,9 +117,9 @@ def test_wire_bn_gradient_is_the_sent_gradient_and_needs_the_backward_traffic(se
     seen = victim.make_round(model, compress.none(), workers=2, bn_statistics="train", batchnorm="sync")(
         variables, x[:, None], y[:, None]
     )
-    attacker = gradinv.attack_model(model)
+    attacker = invert.attack_model(model)
     sent = jax.tree.leaves(compress.decompress(seen.message))
-    grads, mismatch = objectives.wire_bn_param_grads(
+    grads, mismatch = gradients.wire_bn_param_grads(
         attacker, variables, jnp.asarray(x[:1]), jnp.asarray(y[:1]), seen.bn
     )
     for a, b in zip(jax.tree.leaves(grads), sent, strict=True):
@@ -127,13 +127,13 @@ def test_wire_bn_gradient_is_the_sent_gradient_and_needs_the_backward_traffic(se
     assert float(mismatch) < 1e-10
     # The factored route (what the +bn objectives use) gives the same gradient, kernels as their factors.
     z = jnp.asarray(x[1:]) + 0.1  # away from the truth, where the mismatch is not zero
-    plain, plain_mismatch = objectives.wire_bn_param_grads(attacker, variables, z, jnp.asarray(y[:1]), seen.bn)
-    fast, fast_mismatch = objectives.wire_bn_param_grads(
+    plain, plain_mismatch = gradients.wire_bn_param_grads(attacker, variables, z, jnp.asarray(y[:1]), seen.bn)
+    fast, fast_mismatch = gradients.wire_bn_param_grads(
         attacker, variables, z, jnp.asarray(y[:1]), seen.bn, factored=True
     )
-    assert any(isinstance(g, objectives.Factored) for g in fast)
+    assert any(isinstance(g, factored.Factored) for g in fast)
     for a, b in zip(fast, jax.tree.leaves(plain), strict=True):
-        a = a.dense(b.shape) if isinstance(a, objectives.Factored) else a
+        a = a.dense(b.shape) if isinstance(a, factored.Factored) else a
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)
     np.testing.assert_allclose(float(fast_mismatch), float(plain_mismatch), rtol=1e-5)
     assert float(plain_mismatch) > 1e-3
@@ -145,14 +145,14 @@ def test_wire_bn_gradient_is_the_sent_gradient_and_needs_the_backward_traffic(se
     forward_only = jax.tree.map(lambda t: t, seen.bn)
     for layer in forward_only.values():
         layer["BatchNorm_0"]["grad_received"] = jnp.zeros_like(layer["BatchNorm_0"]["grad_received"])
-    grads, _ = objectives.wire_bn_param_grads(attacker, variables, jnp.asarray(x[:1]), jnp.asarray(y[:1]), forward_only)
+    grads, _ = gradients.wire_bn_param_grads(attacker, variables, jnp.asarray(x[:1]), jnp.asarray(y[:1]), forward_only)
     first = jax.tree.leaves(grads)[0], sent[0]  # Conv_0's kernel lies before every BatchNorm: the path matters
     assert float(jnp.abs(first[0] - first[1]).max()) > 1e-3 * float(jnp.abs(first[1]).max())
 
 
 def test_strongest_on_a_synchronised_round_runs_the_bn_candidates(setting):
     model, variables, x, y = setting
-    r = gradinv.audit(
+    r = audit.audit(
         model,
         variables,
         x[:1],
@@ -165,7 +165,7 @@ def test_strongest_on_a_synchronised_round_runs_the_bn_candidates(setting):
         other_labels=y[1:2][:, None, None],
         bn_statistics="train",
         batchnorm="sync",
-        config=gradinv.AttackConfig(iterations=20, chunk=10),
+        config=invert.AttackConfig(iterations=20, chunk=10),
         progress=False,
     )
     assert set(r.candidate_ssim) == {"observed", "observed+bn"} and r.chosen[0] in r.candidate_ssim
@@ -175,19 +175,19 @@ def test_unknown_or_inapplicable_threat_fails_with_one_line(setting):
     model, variables, x, y = setting
     dense = round_message(model, variables, x, y, "qsgd:4", "eval")
     for threat, message in (("oracle", "unknown threat model 'oracle'; use one of"), ("adaptive", "does not apply")):
-        with pytest.raises(gradinv.AttackError, match=message) as e:
-            gradinv.threat_objectives(threat, dense)
+        with pytest.raises(errors.AttackError, match=message) as e:
+            invert.threat_objectives(threat, dense)
         assert "\n" not in str(e.value)
-    assert gradinv.threat_objectives("strongest", dense) == ["observed"]
+    assert invert.threat_objectives("strongest", dense) == ["observed"]
 
 
 def test_strongest_selects_by_consistency_never_by_the_originals(setting):
     """The audit's choice equals that of `invert_gradients`, which never receives an image."""
     model, variables, x, y = setting
     c = compress.powersgd(1)
-    cfg = gradinv.AttackConfig(iterations=60, chunk=30, restarts=2, parallel=4)
+    cfg = invert.AttackConfig(iterations=60, chunk=30, restarts=2, parallel=4)
     other = x[::-1][:, None, None]
-    r = gradinv.audit(
+    r = audit.audit(
         model,
         variables,
         x,
@@ -214,8 +214,8 @@ def test_strongest_selects_by_consistency_never_by_the_originals(setting):
         round_(variables, np.stack([x[i : i + 1], other[i, 0]]), np.stack([y[i : i + 1], y[::-1][i : i + 1]])).message
         for i in range(2)
     ]
-    inv = gradinv.invert_gradients(
-        gradinv.attack_model(model),
+    inv = invert.invert_gradients(
+        invert.attack_model(model),
         variables,
         msgs,
         y[:, None],
@@ -243,11 +243,11 @@ def test_candidates_side_by_side_in_one_program_equal_one_program_each(setting, 
     y = np.stack([y, y[::-1]])[:, :1]
     names = tuple(objectives.applicable_objectives(msgs[0]))
     assert len(names) == 3
-    attacker = gradinv.attack_model(model)
+    attacker = invert.attack_model(model)
     out = {}
     for parallel in (2, 8):
-        cfg = gradinv.AttackConfig(iterations=20, chunk=10, parallel=parallel)
-        out[parallel] = gradinv.invert_gradients(
+        cfg = invert.AttackConfig(iterations=20, chunk=10, parallel=parallel)
+        out[parallel] = invert.invert_gradients(
             attacker,
             variables,
             msgs,
@@ -263,14 +263,14 @@ def test_candidates_side_by_side_in_one_program_equal_one_program_each(setting, 
     assert out[8].chosen == out[2].chosen
     np.testing.assert_allclose(out[8].loss, out[2].loss, rtol=1e-4, atol=1e-6)
     # The compiled lanes' final losses are each objective's own.
-    cfg = gradinv.AttackConfig(iterations=1, parallel=3, devices=1)
+    cfg = invert.AttackConfig(iterations=1, parallel=3, devices=1)
     z = jnp.asarray(x[None, :1]) + 0.1
     msg, yy = jax.tree.map(lambda t: t[None], msgs[0]), jnp.asarray(y[None, 0])
-    together = gradinv.compile_attack(attacker, variables, names, cfg, "cifar10", (16, 16, 3), train=False, width=1)
+    together = invert.compile_attack(attacker, variables, names, cfg, "cifar10", (16, 16, 3), train=False, width=1)
     lanes = together.final_loss(tuple(z for _ in names), msg, yy)
     assert isinstance(lanes, tuple) and len(lanes) == len(names)
     for name, lane in zip(names, lanes, strict=True):
-        alone = gradinv.compile_attack(attacker, variables, name, cfg, "cifar10", (16, 16, 3), train=False, width=1)
+        alone = invert.compile_attack(attacker, variables, name, cfg, "cifar10", (16, 16, 3), train=False, width=1)
         np.testing.assert_allclose(np.asarray(lane), np.asarray(alone.final_loss(z, msg, yy)), rtol=1e-5)
     assert len({float(lane[0]) for lane in lanes}) == len(names)  # the objectives differ, so a mix-up shows
 
@@ -284,7 +284,18 @@ def test_readme_audit_example_runs():
     with contextlib.redirect_stdout(io.StringIO()) as out:
         exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 (our own README)
     r = namespace["r"]
-    assert r.setting == dict(workers=4, batch=1, observer="worker", bn_statistics="eval", batchnorm="local", step=0)
+    assert r.setting == dict(
+        workers=4,
+        batch=1,
+        observer="worker",
+        bn_statistics="eval",
+        batchnorm="local",
+        step=0,
+        adapter="project-model",
+        train_argument=True,
+        batchnorm_sync="local",
+        loss="cross_entropy",
+    )
     assert r.reconstructions.shape == (2, 32, 32, 3) and set(r.chosen) <= set(r.candidate_ssim)
     assert "won by" in out.getvalue()
 
@@ -293,7 +304,7 @@ def test_loss_profile_is_zero_at_the_truth_and_rises_with_the_noise(setting):
     model, variables, x, y = setting
     msg = round_message(model, variables, x, y, "none", "eval")
     profile = landscape.loss_profile(
-        gradinv.attack_model(model), variables, msg, x[:1], y[:1], others=x[1:][:, None], sigmas=(0.01, 0.3, 3.0)
+        invert.attack_model(model), variables, msg, x[:1], y[:1], others=x[1:][:, None], sigmas=(0.01, 0.3, 3.0)
     )
     assert profile.at_truth < 1e-5
     assert profile.loss[0] < profile.loss[1] < profile.loss[2] and profile.loss[0] < profile.random_images
@@ -303,7 +314,7 @@ def _plain_reference_loss(model, variables, objective, train):
     """Each objective written directly on the plain autodiff gradient: the formulas, not this package's views."""
 
     def loss(x, msg, y):
-        grads = jax.tree.leaves(objectives.param_grads(model, variables, x, y, train))
+        grads = jax.tree.leaves(gradients.param_grads(model, variables, x, y, train))
         leaves = objectives.message_leaves(msg)
         feats, targets, support, outside, total = [], [], 0.0, 0.0, 0.0
         for g, m in zip(grads, leaves):
@@ -353,14 +364,14 @@ def test_every_objective_on_the_factored_route_equals_plain_autodiff(setting, sp
     """Value and input gradient of each objective, factored kernels and factored targets, against the formulas."""
     model, variables, x, y = setting
     msg = round_message(model, variables, x, y, spec, bn_statistics)
-    attacker = gradinv.attack_model(model)
+    attacker = invert.attack_model(model)
     train = bn_statistics == "train"
     z = jnp.asarray(x[1:]) + 0.1  # away from the truth, where every term is non-zero
     yz = jnp.asarray(y[:1])
     weights = [1.0] * len(jax.tree.leaves(variables["params"]))
     fast = objectives.matching_loss(attacker, variables, objective, weights, train)
     slow = _plain_reference_loss(attacker, variables, objective, train)
-    assert any(isinstance(g, objectives.Factored) for g in objectives.factored_param_grads(attacker, variables, z, yz))
+    assert any(isinstance(g, factored.Factored) for g in gradients.factored_param_grads(attacker, variables, z, yz))
     # One program per side for the value and its input gradient (compiling each separately doubled the time).
     v_fast, g_fast = jax.jit(jax.value_and_grad(fast))(z, msg, yz)
     v_slow, g_slow = jax.jit(jax.value_and_grad(slow))(z, msg, yz)
@@ -378,7 +389,7 @@ def test_low_rank_dense_targets_keep_the_observed_loss_and_its_gradient():
     # The aggregate of 2 workers: a dense message that is not the dummy's own gradient (rank 2 x 4 rows).
     round_ = victim.make_round(model, compress.none(), workers=2, observer="aggregate", bn_statistics="eval")
     msg = round_(variables, x[:2, None], y[:2, None]).message
-    attacker = gradinv.attack_model(model)
+    attacker = invert.attack_model(model)
     ranks = objectives.dense_target_ranks(attacker, variables, [msg], (1, 8, 8, 3), False)
     assert sorted({r for r in ranks if r is not None}) == [8 + objectives.RANGE_OVERSAMPLING], ranks
     weights = [1.0] * len(jax.tree.leaves(variables["params"]))
@@ -397,11 +408,11 @@ def test_low_rank_dense_targets_keep_the_observed_loss_and_its_gradient():
     v_short, _ = observed(short)(z, msg, yz)
     assert abs(float(v_short) - float(v_dense)) > 1e-4 * abs(float(v_dense))
     # The compiled attack, two attacks batched (prepare runs per attack, under vmap): the same losses.
-    config = gradinv.AttackConfig(iterations=1, parallel=2, devices=1)
+    config = invert.AttackConfig(iterations=1, parallel=2, devices=1)
     two = jax.tree.map(lambda t: jnp.stack([t, t]), msg)
     zz, yy = jnp.stack([z, z + 0.1]), jnp.stack([yz, yz])
     losses = [
-        gradinv.compile_attack(
+        invert.compile_attack(
             attacker, variables, "observed", config, "cifar10", (8, 8, 3), train=False, width=2, target_ranks=r
         ).final_loss(zz, two, yy)
         for r in (ranks, None)

@@ -6,7 +6,7 @@ import optax
 import pytest
 
 from trustsgd_jax import compress, data, models, train
-from trustsgd_jax.attacks import gradinv, victim
+from trustsgd_jax.attacks import audit, errors, invert, victim
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +92,8 @@ def test_aggregate_observer_sees_the_averaged_update(mnist):
     for a, b in zip(jax.tree.leaves(compress.decompress(agg.message)), jax.tree.leaves(mean), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     assert agg.bn == {}
-    with pytest.raises(gradinv.AttackError, match="adaptive attacker does not apply"):
-        gradinv.threat_objectives("adaptive", agg.message)
+    with pytest.raises(errors.AttackError, match="adaptive attacker does not apply"):
+        invert.threat_objectives("adaptive", agg.message)
 
 
 def test_eval_mode_and_local_batchnorm_send_no_statistics(mnist):
@@ -125,15 +125,16 @@ def test_no_batchnorm_models_are_attacked_in_both_modes(mnist):
         ]
         for a, b in zip(jax.tree.leaves(msgs[0]), jax.tree.leaves(msgs[1]), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
-        r = gradinv.audit(
+        r = audit.audit(
             model,
             variables,
             x[:1],
             y[:1],
             compress.none(),
             dataset="mnist",
+            workers=1,
             bn_statistics="train",
-            config=gradinv.AttackConfig(iterations=20, chunk=10),
+            config=invert.AttackConfig(iterations=20, chunk=10),
             progress=False,
         )
         assert np.isfinite(r.per_image["ssim"]).all()
@@ -158,7 +159,7 @@ def test_bad_round_settings_fail_with_one_line(mnist):
         (lambda: victim.make_round(model, c, workers=2, batchnorm="ghost"), "unknown BatchNorm synchronisation"),
         (lambda: victim.other_worker_ids(np.array([0, 1]), 7, 4, 0), "need 8 training images"),
         (
-            lambda: gradinv.audit(model, variables, x[:1], y[:1], c, dataset="mnist", workers=2, progress=False),
+            lambda: audit.audit(model, variables, x[:1], y[:1], c, dataset="mnist", workers=2, progress=False),
             "needs the other workers' batches",
         ),
         (lambda: compress.powersgd(1, start_iter=-1), "start_iter"),
@@ -219,5 +220,5 @@ def test_peer_observer_recovers_the_other_workers_sum(mnist, spec):
         strict=True,
     ):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-    with pytest.raises(gradinv.AttackError, match="workers >= 2"):
+    with pytest.raises(errors.AttackError, match="workers >= 2"):
         victim.make_round(model, c, workers=1, observer="peer")

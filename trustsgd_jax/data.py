@@ -17,6 +17,7 @@ and point ``tfds_data_dir`` (or ``TFDS_DATA_DIR``) at it.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 import zipfile
@@ -38,6 +39,7 @@ STD = {
     "cifar10": (0.24703224003314972, 0.24348513782024384, 0.26158785820007324),
     "cifar100": (0.2673342823982239, 0.2564384639263153, 0.2761504650115967),
 }
+IMAGE_SHAPE = {"mnist": (28, 28, 1), "cifar10": (32, 32, 3), "cifar100": (32, 32, 3)}
 SAMPLE_DIR = pathlib.Path(__file__).parent / "sample_data"
 DATA_DIR_ENV = "TRUSTSGD_DATA_DIR"
 SOURCES = ("auto", "npz", "sample", "tfds")
@@ -187,20 +189,75 @@ def load(
     return ds._replace(source=f"sample:{path.name}")
 
 
-def normalize(x_uint8: np.ndarray, name: str) -> np.ndarray:
-    """uint8 images -> float32 (x/255 - mean) / std, NHWC."""
+@dataclasses.dataclass(frozen=True)
+class DatasetStats:
+    """What an attack needs to know about a dataset: its normalisation, image shape and number of classes.
+
+    ``mean`` and ``std`` are per channel, of pixels in [0, 1]; images are
+    normalised as (x - mean) / std (`normalize`). `stats` gives them for the
+    study's datasets; for your own data, build one::
+
+        DatasetStats(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), image_shape=(32, 32, 3), num_classes=10)
+
+    Validated once, here; a bad value is a one-line ValueError.
+    """
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    image_shape: tuple[int, int, int]
+    num_classes: int
+
+    def __post_init__(self) -> None:
+        for field in ("mean", "std"):
+            object.__setattr__(self, field, tuple(float(v) for v in getattr(self, field)))
+        object.__setattr__(self, "image_shape", tuple(int(v) for v in self.image_shape))
+        object.__setattr__(self, "num_classes", int(self.num_classes))
+        if len(self.image_shape) != 3 or min(self.image_shape) < 1:
+            raise ValueError(f"DatasetStats.image_shape must be (H, W, C), got {self.image_shape}.")
+        channels = self.image_shape[-1]
+        if len(self.mean) != channels or len(self.std) != channels:
+            raise ValueError(
+                f"DatasetStats needs one mean and one std per channel ({channels}); got {len(self.mean)} and "
+                f"{len(self.std)}."
+            )
+        if min(self.std) <= 0:
+            raise ValueError(f"DatasetStats.std must be positive, got {self.std}.")
+        if self.num_classes < 1:
+            raise ValueError(f"DatasetStats.num_classes must be >= 1, got {self.num_classes}.")
+
+
+def stats(name: str) -> DatasetStats:
+    """The `DatasetStats` of one of the study's datasets (`DATASETS`); a one-line DataError for any other name."""
+    if name not in DATASETS:
+        raise DataError(
+            f"no normalisation known for dataset {name!r} (only {', '.join(DATASETS)}); pass "
+            "data.DatasetStats(mean=..., std=..., image_shape=..., num_classes=...) instead of a name."
+        )
+    return DatasetStats(MEAN[name], STD[name], IMAGE_SHAPE[name], NUM_CLASSES[name])
+
+
+def as_stats(dataset: str | DatasetStats) -> DatasetStats:
+    """`dataset` as `DatasetStats`: a study dataset's name (`stats`) or the stats themselves."""
+    return dataset if isinstance(dataset, DatasetStats) else stats(dataset)
+
+
+def normalize(x_uint8: np.ndarray, dataset: str | DatasetStats) -> np.ndarray:
+    """uint8 images -> float32 (x/255 - mean) / std, NHWC; `dataset` a study dataset's name or `DatasetStats`."""
+    s = as_stats(dataset)
     x = _as_nhwc(np.asarray(x_uint8)).astype(np.float32) / 255.0
-    return (x - np.asarray(MEAN[name], np.float32)) / np.asarray(STD[name], np.float32)
+    return (x - np.asarray(s.mean, np.float32)) / np.asarray(s.std, np.float32)
 
 
-def denormalize(x, name: str):
+def denormalize(x, dataset: str | DatasetStats):
     """Inverse of `normalize`, back to [0, 1] floats (works on numpy and jax arrays)."""
-    return x * np.asarray(STD[name], np.float32) + np.asarray(MEAN[name], np.float32)
+    s = as_stats(dataset)
+    return x * np.asarray(s.std, np.float32) + np.asarray(s.mean, np.float32)
 
 
-def pixel_bounds(name: str) -> tuple[np.ndarray, np.ndarray]:
+def pixel_bounds(dataset: str | DatasetStats) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel [lo, hi] of valid normalised pixels (images of [0, 1] mapped by `normalize`)."""
-    mean, std = np.asarray(MEAN[name], np.float32), np.asarray(STD[name], np.float32)
+    s = as_stats(dataset)
+    mean, std = np.asarray(s.mean, np.float32), np.asarray(s.std, np.float32)
     return (0.0 - mean) / std, (1.0 - mean) / std
 
 

@@ -14,12 +14,20 @@ Normalisation is a choice because it changes what crosses the wire:
 
 In eval mode (``train=False``) BatchNorm uses its running averages, which is
 how attacks apply the model.
+
+The adapters at the end (`for_data_parallel`, `for_attack`, `for_inference`)
+are the one place that turns a model into the form a training round, an
+attack or inference runs. They take the project's models (fields ``norm``,
+``axis_name``, ``conv_impl``) and any other Flax module whose ``__call__(x)``
+returns logits [B, classes], with or without a ``train`` argument
+(`OwnModule`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -99,7 +107,7 @@ class PatchesConv(nn.Module):
     layer also sows its patches P and adds a zero ``"perturbations"`` probe to
     its output z = P W, so ``jax.grad`` w.r.t. the probe gives D = dL/dz. The
     weight gradient is then P^T D, which the attack never needs to form
-    (see ``attacks.gradinv.Factored``).
+    (see ``attacks.factored.Factored``).
     """
 
     features: int
@@ -298,3 +306,160 @@ def init_variables(model: nn.Module, rng, image_shape) -> dict:
     """Initial variables ({'params', 'batch_stats'?}) for inputs of shape (H, W, C)."""
     variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
     return dict(variables)
+
+
+# How `adapt` runs a model (recorded by `attacks.audit`): one of the project's models, or a user's module wrapped.
+PROJECT_MODEL = "project-model"
+WRAPPED_USER_MODULE = "wrapped-user-module"
+
+
+def is_project_model(model: nn.Module) -> bool:
+    """Whether `model` is one of this package's models (`MODELS`), whose fields the adapters set."""
+    return isinstance(model, tuple(MODELS.values()))
+
+
+def train_keyword(model: nn.Module, declared: bool | str | None = None) -> str | None:
+    """The keyword of ``model.__call__`` that takes the train flag, or None where it takes none.
+
+    ``declared``: None detects it (``train`` if ``__call__`` has a parameter
+    of that name); False: the module takes none; True: ``train``; a string:
+    that keyword (e.g. ``"training"``), which ``__call__`` must accept. A
+    one-line ValueError otherwise.
+    """
+    params = inspect.signature(type(model).__call__).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    if declared is None:
+        return "train" if "train" in params else None
+    if declared is False:
+        return None
+    name = "train" if declared is True else declared
+    if not isinstance(name, str) or not (name in params or takes_any):
+        raise ValueError(
+            f"{type(model).__name__}.__call__ takes no argument {name!r} (declared as its train flag); its "
+            f"parameters are {list(params)[1:]}."
+        )
+    return name
+
+
+class OwnModule(nn.Module):
+    """A user's Flax module as rounds and attacks call it, ``__call__(x, train=False)``, with the user's variables.
+
+    ``module`` is the user's module; its ``__call__(x)`` returns logits [B,
+    classes]. ``train_keyword``: the keyword of that ``__call__`` which takes
+    the train flag (`train_keyword`), or None: then ``train`` is not passed
+    on and the module runs as written. The module shares this wrapper's scope
+    (``nn.share_scope``), so the parameter tree is the user's own and the
+    user's ``variables`` apply unchanged (tested).
+
+    ``alone_axis``: the axis name the module's own ``nn.BatchNorm(axis_name=...)``
+    reduces over, for the attacker, which applies the module outside any
+    data-parallel round: `apply` then binds that axis to a single member
+    (``jax.vmap`` of size 1), so train-mode BatchNorm normalises by the batch
+    it is given, as the project's models do with ``axis_name=None``. None in
+    the round, where ``pmap`` binds the axis to the workers.
+    """
+
+    module: nn.Module
+    train_keyword: str | None = None
+    alone_axis: str | None = None
+
+    def setup(self):
+        nn.share_scope(self, self.module)
+
+    def __call__(self, x, train: bool = False):
+        if self.train_keyword is None:
+            return self.module(x)
+        return self.module(x, **{self.train_keyword: train})
+
+    @nn.nowrap
+    def apply(self, variables, *args, **kwargs):
+        if self.alone_axis is None:
+            return super().apply(variables, *args, **kwargs)
+        apply = super().apply
+
+        def one(variables, *args):
+            return apply(variables, *args, **kwargs)
+
+        out = jax.vmap(one, in_axes=None, axis_name=self.alone_axis, axis_size=1)(variables, *args)
+        return jax.tree.map(lambda t: t[0], out)
+
+
+def adapt(model: nn.Module, train_argument: bool | str | None = None) -> nn.Module:
+    """`model` as the adapters take it: the project's models and `OwnModule`s as they are, any other module wrapped.
+
+    ``train_argument`` declares a user's module's train flag (`train_keyword`;
+    None detects it). The project's models always take ``train``.
+    """
+    if is_project_model(model) or isinstance(model, OwnModule):
+        if train_argument not in (None, True, "train"):
+            raise ValueError(f"{type(model).__name__} takes its train flag as 'train'; got {train_argument!r}.")
+        return model
+    return OwnModule(model, train_keyword(model, train_argument))
+
+
+def adapter(model: nn.Module) -> str:
+    """How `adapt` runs `model`: `PROJECT_MODEL` or `WRAPPED_USER_MODULE`."""
+    return PROJECT_MODEL if is_project_model(model) else WRAPPED_USER_MODULE
+
+
+def for_data_parallel(
+    model: nn.Module, bn: BatchNormSetting, axis_name: str, train_argument: bool | str | None = None
+) -> nn.Module:
+    """`model` as a data-parallel training step runs it over the workers' axis `axis_name`.
+
+    The project's models: native convolutions, and BatchNorm synchronised
+    over `axis_name` (``bn.sync == "sync"``, `SyncBatchNorm`, whose traffic
+    the step can observe) or each worker's own (``"local"``); models without
+    BatchNorm are unchanged by ``bn``. A user's module runs as built
+    (`adapt`): its ``nn.BatchNorm`` is local, or synchronised where the user
+    built it with ``axis_name=axis_name``. Only ``bn.sync`` is read here; the
+    statistics are the step's (`train.make_step`).
+    """
+    if not is_project_model(model):
+        return adapt(model, train_argument).clone(alone_axis=None)
+    changes: dict[str, Any] = {"axis_name": axis_name, "conv_impl": "xla"}
+    if model.norm in ("batch", "batch_local"):
+        changes["norm"] = "batch" if bn.sync == "sync" else "batch_local"
+    return model.clone(**changes)
+
+
+MATMUL_DTYPES = ("float32", "bfloat16")
+
+
+def for_attack(
+    model: nn.Module,
+    matmul_dtype: str = "float32",
+    alone_axis: str | None = None,
+    train_argument: bool | str | None = None,
+) -> nn.Module:
+    """`model` as an attacker applies it, outside any round: no data-parallel axis, the same parameters.
+
+    The project's models: im2col convolutions (`PatchesConv`; XLA:CPU runs
+    native weight-gradient convolutions inside the attack's loop through a
+    slow emitter), ``matmul_dtype="bfloat16"`` for bf16 matmul inputs with
+    fp32 accumulation, and no axis: BatchNorm in train mode normalises by the
+    batch it is given. A user's module runs as built (`adapt`), fp32 only;
+    ``alone_axis`` names the axis its own ``nn.BatchNorm`` reduces over, if
+    any (`OwnModule`). A one-line ValueError for what cannot apply.
+    """
+    if matmul_dtype not in MATMUL_DTYPES:
+        raise ValueError(f"unknown matmul_dtype {matmul_dtype!r}; use one of {MATMUL_DTYPES}.")
+    if not is_project_model(model):
+        if matmul_dtype != "float32":
+            raise ValueError(
+                f"matmul_dtype={matmul_dtype!r} needs one of the project's models (it swaps their convolutions); "
+                "a user's module runs as built, in float32."
+            )
+        return adapt(model, train_argument).clone(alone_axis=alone_axis)
+    changes: dict[str, Any] = {"conv_impl": "patches" if matmul_dtype == "float32" else "patches_bf16"}
+    if model.axis_name is not None:
+        changes["axis_name"] = None
+    return model.clone(**changes)
+
+
+def for_inference(model: nn.Module) -> nn.Module:
+    """`model` to run inference with: the project's models with native convolutions (the im2col form holds kh*kw
+    copies of every activation and inference needs no weight gradients); any other module unchanged."""
+    if is_project_model(model) and model.conv_impl != "xla":
+        return model.clone(conv_impl="xla")
+    return model

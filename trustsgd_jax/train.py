@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from trustsgd_jax import compress as compress_lib
 from trustsgd_jax import data as data_lib
+from trustsgd_jax import models as models_lib
 
 AXIS = "batch"
 
@@ -43,7 +44,12 @@ class TrainState:
 
 
 def cross_entropy(logits, labels):
+    """Per-example softmax cross-entropy with integer labels, [B]: the default training loss (`LossFn`)."""
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+# A training loss: ``loss_fn(logits [B, classes], labels [B]) -> per-example loss [B]``; the step takes its mean.
+LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 def init_state(
@@ -89,7 +95,7 @@ def _bn_probes(batch_stats) -> dict:
     return flax.traverse_util.unflatten_dict(probes)
 
 
-def _bn_traffic(wire: dict, probe_grads: dict) -> dict:
+def bn_traffic(wire: dict, probe_grads: dict) -> dict:
     """One worker's synchronised-BatchNorm traffic of a step, per layer (the layout of ``batch_stats``' layers).
 
     ``sent``: [mean, mean of squares] of its batch; ``received``: their
@@ -163,8 +169,12 @@ def make_step(
     axis_name: str = AXIS,
     return_message: bool = False,
     bn_statistics: str = "train",
+    loss_fn: LossFn = cross_entropy,
 ) -> Callable:
     """Per-worker train step ``(state, images, labels) -> (state, metrics[, message])``.
+
+    The loss is the mean over the worker's batch of ``loss_fn(logits,
+    labels)``, per-example losses (softmax cross-entropy by default).
 
     ``bn_statistics="train"`` is training: BatchNorm normalises by batch
     statistics (synchronised over ``axis_name`` for norm ``batch``) and
@@ -173,7 +183,7 @@ def make_step(
 
     The message is what this worker put on the wire and what it received:
     ``grads``, the compressor's message; ``bn``, with synchronised BatchNorm
-    in train mode, its BatchNorm traffic (`_bn_traffic`: the statistics and
+    in train mode, its BatchNorm traffic (`bn_traffic`: the statistics and
     their cotangents it sent to and received from the two all-reduces per
     layer); ``update``, the averaged update every worker receives.
     """
@@ -186,17 +196,17 @@ def make_step(
     observe_bn = return_message and train and has_sync_bn(model)
 
     def step(state: TrainState, images, labels):
-        def loss_fn(params, probes):
+        def step_loss(params, probes):
             variables = {"params": params}
             if state.batch_stats:
                 variables["batch_stats"] = state.batch_stats
             if probes:
                 variables["perturbations"] = probes
             logits, updates = model.apply(variables, images, train=train, mutable=["batch_stats", "wire"])
-            return cross_entropy(logits, labels).mean(), (logits, updates)
+            return loss_fn(logits, labels).mean(), (logits, updates)
 
         probes = _bn_probes(state.batch_stats) if observe_bn else {}
-        (loss, (logits, updates)), (grads, probe_grads) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
+        (loss, (logits, updates)), (grads, probe_grads) = jax.value_and_grad(step_loss, argnums=(0, 1), has_aux=True)(
             state.params, probes
         )
         avg, comp_state, msg = compressor.reduce(grads, state.comp_state, axis_name)
@@ -209,7 +219,7 @@ def make_step(
             "nonfinite_steps": comp_state.nonfinite,
         }
         if return_message:
-            bn = _bn_traffic(updates["wire"], probe_grads) if observe_bn else {}
+            bn = bn_traffic(updates["wire"], probe_grads) if observe_bn else {}
             return new_state, metrics, {"grads": msg, "bn": bn, "update": avg}
         return new_state, metrics
 
@@ -549,13 +559,8 @@ def fit_many(
 
 
 def eval_model(model: nn.Module) -> nn.Module:
-    """The form of `model` to run inference with: native convolutions.
-
-    Inference needs no weight gradients, and the im2col form
-    (``conv_impl="patches"``) holds kh*kw copies of every activation; the
-    native form is the same model with the same parameters.
-    """
-    return model.clone(conv_impl="xla") if getattr(model, "conv_impl", "xla") != "xla" else model
+    """The form of `model` to run inference with (`models.for_inference`: native convolutions)."""
+    return models_lib.for_inference(model)
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -18,7 +18,7 @@ from absl import flags
 
 from experiments.reproduce.presets import MIA_CPU_DEVICES, PRESETS
 from trustsgd_jax import compress, data, models
-from trustsgd_jax.attacks import gradinv, objectives, shadows, victim
+from trustsgd_jax.attacks import invert, objectives, shadows, victim
 
 
 class ConfigError(ValueError):
@@ -29,7 +29,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_enum("preset", "quick", list(PRESETS), "flag defaults: tiny (tests), quick (CPU), table1, paper")
 flags.DEFINE_list("datasets", None, "datasets, e.g. mnist,cifar10,cifar100")
 flags.DEFINE_list("compressors", None, "compressor specs, e.g. none,powersgd:1,topk_level:1")
-flags.DEFINE_list("threat_models", None, "observed, adaptive and/or strongest (gradinv.THREATS)")
+flags.DEFINE_list("threat_models", None, "observed, adaptive and/or strongest (invert.THREATS)")
 flags.DEFINE_integer("images", None, "images attacked per dataset and setting")
 flags.DEFINE_integer("victim_batch", 1, "images in one victim batch (B, per worker)")
 flags.DEFINE_integer("group", None, "victim batches attacked together in one program (one unit)")
@@ -76,7 +76,7 @@ flags.DEFINE_integer(
 flags.DEFINE_enum(
     "matmul_dtype",
     "float32",
-    list(gradinv.MATMUL_DTYPES),
+    list(invert.MATMUL_DTYPES),
     "the attack's convolution matmuls: float32, or bfloat16 inputs with fp32 accumulation (README, Benchmarks: its "
     "speed and its effect on SSIM)",
 )
@@ -235,8 +235,8 @@ class Config:
 
     def __post_init__(self) -> None:
         for t in self.threat_models:
-            if t not in gradinv.THREATS:
-                raise ConfigError(f"unknown threat model {t!r}; use {', '.join(gradinv.THREATS)}.")
+            if t not in invert.THREATS:
+                raise ConfigError(f"unknown threat model {t!r}; use {', '.join(invert.THREATS)}.")
         for o in self.observers:
             if o not in victim.OBSERVERS:
                 raise ConfigError(f"unknown observer {o!r}; use {', '.join(victim.OBSERVERS)}.")

@@ -23,7 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from trustsgd_jax import compress, data, models, results, train
-from trustsgd_jax.attacks import gradinv, membership, objectives, shadows, victim
+from trustsgd_jax.attacks import audit, invert, membership, objectives, shadows, victim
 
 
 def unit_compressor(u: dict, params) -> compress.Compressor:
@@ -46,7 +46,7 @@ def run_gradinv_unit(u: dict, ds: data.Dataset, workdir: pathlib.Path, progress:
     others = np.asarray(u["worker_ids"], np.int64).reshape(n, u["workers"] - 1, b)  # [n, N-1, B]
     x = data.normalize(ds.x_train[ids.reshape(-1)], ds.name)
     y = ds.y_train[ids.reshape(-1)]
-    r = gradinv.audit(
+    r = audit.audit(
         model,
         variables,
         x,
@@ -93,9 +93,9 @@ def run_gradinv_unit(u: dict, ds: data.Dataset, workdir: pathlib.Path, progress:
     )
 
 
-def attack_config(u: dict, n: int) -> gradinv.AttackConfig:
+def attack_config(u: dict, n: int) -> invert.AttackConfig:
     """The attack of a gradinv unit of `n` victim batches: the whole unit in one program."""
-    return gradinv.AttackConfig(
+    return invert.AttackConfig(
         iterations=u["iterations"],
         restarts=u["restarts"],
         tv=u["tv"],

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 
 from trustsgd_jax import compress as compress_lib
-from trustsgd_jax.attacks.objectives import AttackError
+from trustsgd_jax.attacks.errors import AttackError
 
 
 def infer_labels_idlg(msg, num_classes: int, batch_size: int = 1) -> np.ndarray:
@@ -15,6 +15,7 @@ def infer_labels_idlg(msg, num_classes: int, batch_size: int = 1) -> np.ndarray:
     With non-negative penultimate features h (ReLU), the head-kernel gradient
     column of class c is h (p_c - y_c): negative only for the true label. For
     B > 1 the B most negative columns are returned (assumes distinct labels).
+    The sign argument holds for softmax cross-entropy only (`train.cross_entropy`).
     """
     seen = compress_lib.decompress(msg)
     heads = [

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from trustsgd_jax import train as train_lib
 from trustsgd_jax.attacks import objectives
 
 
@@ -43,15 +44,16 @@ def loss_profile(
     sigmas=(0.001, 0.01, 0.1, 1.0),
     draws: int = 4,
     seed: int = 0,
+    loss_fn: train_lib.LossFn = train_lib.cross_entropy,
 ) -> LossProfile:
     """The `objectives.matching_loss` of `objective` around the true `images` [B, H, W, C] (normalised).
 
     ``others`` [R, B, H, W, C] are unrelated real images (normalised) for
     the plateau. Equal tensor weights; ``train`` as the attacked round's
-    BatchNorm mode.
+    BatchNorm mode, ``loss_fn`` its loss.
     """
     weights = [1.0] * len(jax.tree.leaves(variables["params"]))
-    loss = jax.jit(objectives.matching_loss(model, variables, objective, weights, train))
+    loss = jax.jit(objectives.matching_loss(model, variables, objective, weights, train, loss_fn=loss_fn))
     x, y = jnp.asarray(images, jnp.float32), jnp.asarray(labels, jnp.int32)
     keys = jax.random.split(jax.random.key(seed), len(sigmas) * draws).reshape(len(sigmas), draws)
     values = np.array(

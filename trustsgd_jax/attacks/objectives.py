@@ -14,14 +14,9 @@ compression-aware objectives compare what the compressor actually sent,
 following the principle that a defence is judged by the best attack that
 knows it (Athalye, Carlini and Wagner 2018; Aerni et al. 2024).
 `consistency_loss` scores a finished reconstruction by the message it would
-send, without any ground truth.
-
-The attacker applies the model as the victim's step did (`param_grads`):
-with ``train=True`` BatchNorm normalises by the statistics of the dummy
-batch itself, which is exactly what a worker with local BatchNorm computes;
-with synchronised BatchNorm the victim's statistics also contain the other
-workers' batches, which the attacker does not have. With ``train=False`` it
-uses the running averages (Geiping et al.'s setting).
+send, without any ground truth. The dummy gradients come from
+`attacks.gradients` (the victim's step as the attacker recomputes it), their
+algebra from `attacks.factored`.
 """
 
 from __future__ import annotations
@@ -31,15 +26,27 @@ import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
 
 from trustsgd_jax import compress as compress_lib
 from trustsgd_jax import train as train_lib
+from trustsgd_jax.attacks.errors import AttackError
+from trustsgd_jax.attacks.factored import (
+    Factored,
+    LowRankTarget,
+    dot_and_sqnorm,
+    entries,
+    gram_shape,
+    low_rank_target,
+    numerical_rank,
+    sqnorm,
+    t_times,
+    thin_products_operand,
+    times,
+)
+from trustsgd_jax.attacks.gradients import factored_param_grads, param_grads, wire_bn_param_grads
 
 OBJECTIVES = ("observed", "factors", "factors_residual", "sent_coordinates", "cosine_support")
 # Suffix of an objective that also uses synchronised BatchNorm's traffic (`WithBatchNorm`, `wire_bn_param_grads`).
@@ -54,14 +61,10 @@ LAYER_WEIGHTS = ("equal", "linear")
 SPARSE_OBJECTIVES = ("sent_coordinates", "cosine_support")
 
 
-class AttackError(ValueError):
-    """A bad argument to an attack; the message names the valid choices or the fix."""
-
-
 class WithBatchNorm(NamedTuple):
     """A gradient message and the synchronised-BatchNorm traffic of the same step, as worker 0's link carries both.
 
-    ``bn`` is one worker's `train.make_step` ``bn`` (`train._bn_traffic`):
+    ``bn`` is one worker's `train.make_step` ``bn`` (`train.bn_traffic`):
     per layer the statistics it sent and received and their cotangents. Every
     objective takes the gradient part only; the ``+bn`` objectives (`WITH_BN`)
     also use the traffic.
@@ -99,136 +102,12 @@ def takes_thin_targets(name: str) -> bool:
     return not with_bn and base not in SPARSE_OBJECTIVES
 
 
-class Factored(NamedTuple):
-    """A convolution's weight gradient kept as its two factors: G = P^T D.
-
-    P [N, H, W, K] are the layer's input patches (K = kh*kw*C_in) and D
-    [N, H, W, C_out] the loss gradient w.r.t. its output; G [K, C_out] is the
-    kernel flattened to ``kernel.reshape(-1, C_out)``. The cosine and the
-    PowerSGD views need only <G, T> = <D, P T>, ||G||^2 = <P P^T, D D^T>,
-    G v = P^T (D v) and G^T u = D^T (P u) for thin u, v, or T = U V^T. For
-    the deep layers, where the N*H*W rows are few, those cost far less than
-    forming G (the Gram trick of "ghost" per-example norms, Goodfellow 2015;
-    Li et al. 2022), and the attack's second derivative never writes a
-    weight-sized tensor per attack. Where the rows are many, G is formed
-    once (one matmul). Top-K's support constraint (a rectifier over every
-    entry) and sent entries are taken from the formed G (`_entries`).
-    """
-
-    patches: jax.Array
-    cotangent: jax.Array
-
-    def flat(self) -> tuple[jax.Array, jax.Array]:
-        """(P [rows, K], D [rows, C])."""
-        k, c = self.patches.shape[-1], self.cotangent.shape[-1]
-        return self.patches.reshape(-1, k), self.cotangent.reshape(-1, c)
-
-    def dense(self, shape) -> jax.Array:
-        p, d = self.flat()
-        return (p.T @ d).reshape(shape)
-
-
-class LowRankTarget(NamedTuple):
-    """A target tensor known as a product, T = U V^T in the kernel layout (U [K, r], V [C_out, r]).
-
-    What the observer of PowerSGD decompresses: from_matrix(P_hat Q^T) is
-    U = Q, V = P_hat. Matching against the factors costs r/(K C_out) of the
-    dense product per row, and the weight-sized T is never written.
-    """
-
-    u: jax.Array
-    v: jax.Array
-
-
-def _kernel_layout(g) -> jax.Array:
-    """A plain gradient tensor as the [K, C_out] matrix G (the transpose of `compress.to_matrix`)."""
-    return g.reshape(-1, g.shape[-1])
-
-
-def _thin_products_operand(g):
-    """A gradient ready for thin products G v and G^T u: `Factored` on the Gram route, formed G elsewhere.
-
-    Where the rows N*H*W are many (the early layers), products through P
-    (P^T (D v)) contract P's long leading axis, whose derivative XLA:CPU
-    lays out with a physical transpose of P per product: forming G = P^T D
-    once (one matmul, the observed attacker's explicit route) and
-    multiplying the small G is faster there. On the Gram route P is small.
-    """
-    if isinstance(g, Factored) and not _gram_route(g):
-        p, d = g.flat()
-        return p.T @ d
-    return g
-
-
-def _times(g, v) -> jax.Array:
-    """G v for a gradient (plain or `Factored`) and v [C_out, r]: [K, r]."""
-    if isinstance(g, Factored):
-        p, d = g.flat()
-        return p.T @ (d @ v)
-    return _kernel_layout(g) @ v
-
-
-def _t_times(g, u) -> jax.Array:
-    """G^T u for a gradient (plain or `Factored`) and u [K, r]: [C_out, r]."""
-    if isinstance(g, Factored):
-        p, d = g.flat()
-        return d.T @ (p @ u)
-    return _kernel_layout(g).T @ u
-
-
-def _entries(g, indices) -> jax.Array:
-    """The entries of a gradient (plain or `Factored`) at flat indices of its tensor.
-
-    A `Factored` tensor is formed (one matmul) and gathered from: the entries
-    G[i, j] = P[:, i] . D[:, j] taken straight from the factors need a
-    gather of rows x k values, whose derivative is a scatter-add of as many;
-    from the formed G it is k values (and Top-K's support constraint forms
-    G anyway).
-    """
-    if isinstance(g, Factored):
-        p, d = g.flat()
-        g = p.T @ d
-    return g.reshape(-1)[indices]
-
-
-def _gram_route(g: Factored) -> bool:
-    """Whether ||P^T D||^2 is cheaper as <P P^T, D D^T>: rows^2 (K + C) < rows K C."""
-    p, d = g.flat()
-    return _gram_shape(p.shape[0], p.shape[1], d.shape[1])
-
-
-def sqnorm(g) -> jax.Array:
-    """||g||^2 of a gradient, a `Factored` one or a `LowRankTarget`."""
-    if isinstance(g, LowRankTarget):
-        return jnp.sum((g.u.T @ g.u) * (g.v.T @ g.v))
-    if isinstance(g, Factored):
-        if _gram_route(g):
-            p, d = g.flat()
-            return jnp.sum((p @ p.T) * (d @ d.T))
-        p, d = g.flat()
-        return jnp.sum(jnp.square(p.T @ d))
-    return jnp.sum(jnp.square(g))
-
-
-def _dot_and_sqnorm(g, t):
-    """(<g, t>, ||g||^2) for a gradient tensor or a `Factored` one, against a tensor or a `LowRankTarget`."""
-    if isinstance(g, Factored) and not _gram_route(g):
-        p, d = g.flat()
-        g = p.T @ d  # the explicit route: forming G is cheaper than the Gram matrices
-    if isinstance(t, LowRankTarget):
-        return jnp.sum(_t_times(g, t.u) * t.v), sqnorm(g)
-    if isinstance(g, Factored):
-        p, d = g.flat()
-        return jnp.sum(d * (p @ t.reshape(p.shape[1], d.shape[1]))), sqnorm(g)
-    return jnp.vdot(g, t.reshape(g.shape)), jnp.sum(jnp.square(g))
-
-
 def cosine_distance(a: list, b: list, weights) -> jax.Array:
     """1 - cosine similarity of two lists of arrays, taken over all of them concatenated.
 
     Entries of `a` may be `Factored` weight gradients, entries of `b` `LowRankTarget`s.
     """
-    pairs = [_dot_and_sqnorm(x, y) for x, y in zip(a, b, strict=True)]
+    pairs = [dot_and_sqnorm(x, y) for x, y in zip(a, b, strict=True)]
     dot = sum(w * d for w, (d, _) in zip(weights, pairs, strict=True))
     na = sum(w * n for w, (_, n) in zip(weights, pairs, strict=True))
     nb = sum(w * sqnorm(y) for w, y in zip(weights, b, strict=True))
@@ -286,146 +165,6 @@ def tensor_weights(n: int, kind: str, depth_rank: list[int] | None = None) -> li
             raise AttackError(f"depth_rank must be a permutation of range({n}), got {rank}.")
         return [float(n - d) / n for d in rank]
     raise AttackError(f"unknown layer_weights {kind!r}; use one of {LAYER_WEIGHTS}.")
-
-
-def _apply(model: nn.Module, variables: dict, images, train: bool, mutable: list[str]):
-    """Logits and mutated collections; in train mode BatchNorm uses the batch's own statistics."""
-    if train:
-        return model.apply(variables, images, train=True, mutable=[*mutable, "batch_stats"])
-    return model.apply(variables, images, train=False, mutable=mutable)
-
-
-def _step_loss(model: nn.Module, variables: dict, images, labels, bn: dict | None, train: bool):
-    """The victim's training loss as the attacker recomputes it, as a function of the parameters.
-
-    ``f(params, extra, mutable) -> (value, (mismatch, state))``: ``extra``
-    are further variable collections (the factored route's probes),
-    ``mutable`` collections to return in ``state``. Without BatchNorm traffic
-    (``bn=None``) the value is the mean cross-entropy in the given BatchNorm
-    mode and the mismatch 0; with it, see `wire_bn_param_grads`. Every
-    gradient of this module is taken from here, so the plain and the
-    factored routes differentiate one function.
-    """
-    if bn is None:
-
-        def plain(params, extra, mutable):
-            logits, state = _apply(model, {**variables, **extra, "params": params}, images, train, mutable)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), (jnp.zeros(()), state)
-
-        return plain
-    stats = train_lib.sync_bn_statistics(variables["batch_stats"], bn)
-    if stats is None:
-        raise AttackError("the +bn objectives need synchronised BatchNorm's traffic (train mode, batchnorm='sync').")
-
-    def through_the_wire(params, extra, mutable):
-        logits, state = model.apply(
-            {**variables, **extra, "params": params, "batch_stats": stats},
-            images,
-            train=False,
-            mutable=[*mutable, "moments"],
-        )
-        pairs = _moment_paths(state["moments"], bn)
-        through_stats = sum(jnp.sum(t["grad_received"] * s) for s, t in pairs)
-        mismatch = sum(sqnorm(s - t["sent"]) / jnp.maximum(sqnorm(t["sent"]), 1e-30) for s, t in pairs) / len(pairs)
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-        return ce + through_stats, (mismatch, state)
-
-    return through_the_wire
-
-
-def param_grads(model: nn.Module, variables: dict, images, labels, train: bool = False):
-    """Gradient of the mean cross-entropy w.r.t. the parameters (BatchNorm mode: see the module docstring)."""
-    loss = _step_loss(model, variables, images, labels, None, train)
-    return jax.grad(lambda params: loss(params, {}, [])[0])(variables["params"])
-
-
-def _moment_paths(model_moments: dict, bn: dict):
-    """Pairs (the dummy batch's [mean, mean of squares] [2, C], that layer's traffic) per synchronised layer."""
-    traffic = flax.traverse_util.flatten_dict(flax.core.unfreeze(bn))
-    pairs = []
-    for path, value in flax.traverse_util.flatten_dict(flax.core.unfreeze(model_moments)).items():
-        layer = (*path[:-1], "BatchNorm_0")  # models.Norm sows at its own level; nn.BatchNorm_0 below it
-        seen = {k[-1]: v for k, v in traffic.items() if k[:-1] == layer}
-        if set(seen) != {"sent", "received", "grad_sent", "grad_received"}:
-            raise AttackError(f"BatchNorm traffic of layer {'/'.join(layer)} is missing (a round of another model?).")
-        pairs.append((value[0], seen))
-    return pairs
-
-
-def wire_bn_param_grads(model: nn.Module, variables: dict, images, labels, bn: dict, factored: bool = False):
-    """(gradient, statistics mismatch) of dummy images as a synchronised-BatchNorm train step computes it.
-
-    Worker 0's gradient in such a step is exact given the traffic of its
-    link (`WithBatchNorm.bn`), whatever the other workers' batches:
-
-    * forward: each layer normalises by the all-reduced statistics it
-      received, so eval mode with those as running averages
-      (`train.sync_bn_statistics`) is the step's forward pass;
-    * backward: the statistics also depend on the parameters through the
-      worker's own batch moments s_l(x) = [mean, mean of squares]; that path
-      contributes (ds_l/dtheta)^T r_l, r_l the cotangent the backward
-      all-reduce returned (``grad_received``). So the gradient is that of
-      CE(x) + sum_l <r_l, s_l(x)> with the statistics held fixed.
-
-    The mismatch is the mean over layers of ||s_l(x) - sent_l||^2 /
-    ||sent_l||^2 against the moments the victim sent (``sent``). Both are
-    zero at the true batch. Huang et al. (NeurIPS 2021) found known
-    BatchNorm statistics behind much reported attack success; synchronised
-    BatchNorm puts them on the wire. Not used yet: ``grad_sent``, worker 0's
-    own dL_0/d(statistics), a further constraint on x of the same kind.
-
-    With ``factored=True`` the gradient comes as `factored_param_grads`'
-    list (convolution kernels as `Factored`), else as a parameter pytree.
-    """
-    loss = _step_loss(model, variables, images, labels, bn, False)
-    if factored:
-        return _factored_grads(model, variables, loss)
-    grads, (mismatch, _) = jax.grad(lambda params: loss(params, {}, []), has_aux=True)(variables["params"])
-    return grads, mismatch
-
-
-def _factored_grads(model: nn.Module, variables: dict, loss) -> tuple[list, jax.Array]:
-    """(`factored_param_grads`' list, mismatch) of a `_step_loss`."""
-    params = variables["params"]
-    shapes = jax.eval_shape(lambda: loss(params, {}, ["factors", "perturbations"])[1][1])
-    if "factors" not in shapes:
-        grads, (mismatch, _) = jax.grad(lambda p: loss(p, {}, []), has_aux=True)(params)
-        return jax.tree.leaves(grads), mismatch
-    factored = {k[:-1] for k in flax.traverse_util.flatten_dict(shapes["factors"])}
-    flat = flax.traverse_util.flatten_dict(params)
-    kernels = {k: v for k, v in flat.items() if k[-1] == "kernel" and k[:-1] in factored}
-    others = {k: v for k, v in flat.items() if k not in kernels}
-    probes = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["perturbations"])
-
-    def of_others_and_probes(others, probes):
-        p = flax.traverse_util.unflatten_dict({**kernels, **others})
-        value, (mismatch, state) = loss(p, {"perturbations": probes}, ["factors"])
-        return value, (mismatch, state["factors"])
-
-    (g_others, g_probes), (mismatch, factors) = jax.grad(of_others_and_probes, argnums=(0, 1), has_aux=True)(
-        others, probes
-    )
-    patches = flax.traverse_util.flatten_dict(factors)
-    cotangents = flax.traverse_util.flatten_dict(g_probes)
-    out: list[Any] = []
-    for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
-        k = tuple(p.key for p in path)
-        if k in kernels:
-            out.append(Factored(patches[k[:-1] + ("patches",)][0], cotangents[k[:-1] + ("out",)]))
-        else:
-            out.append(g_others[k])
-    return out, mismatch
-
-
-def factored_param_grads(model: nn.Module, variables: dict, images, labels, train: bool = False) -> list:
-    """`param_grads` as a list in ``jax.tree.leaves`` order, convolution kernels as `Factored`.
-
-    Kernels of `models.PatchesConv` layers are not differentiated: their
-    layers sow their patches and expose a zero output probe, and the gradient
-    w.r.t. the probes gives the cotangents. Other tensors (and every tensor of
-    a model with native convolutions) come as plain arrays.
-    """
-    return _factored_grads(model, variables, _step_loss(model, variables, images, labels, None, train))[0]
 
 
 def message_leaves(msg) -> list:
@@ -499,25 +238,8 @@ def target_features(msg, objective: str, *, factored: bool = False) -> list:
     return out
 
 
-# Singular values below this fraction of the largest count as float noise in `dense_target_ranks`. Measured on
-# ResNet-18 at B = 1 (32x32): the smallest genuine one is about 1e-3 of the largest in eval mode and 1e-7 in train
-# mode (where it is BatchNorm's removed mean direction, at the float floor itself), float noise about 1e-8.
-RANK_TOLERANCE = 1e-5
 # Extra columns of the range finder (`low_rank_target`): they capture directions just below the tolerance too.
 RANGE_OVERSAMPLING = 8
-
-
-def _gram_shape(rows: int, k: int, c: int) -> bool:
-    return rows * (k + c) < k * c
-
-
-def _numerical_rank(t: np.ndarray) -> int | None:
-    """Singular values above `RANK_TOLERANCE` of the largest (from the C x C Gram matrix); None if not finite."""
-    t = np.asarray(t, np.float64)
-    if not np.isfinite(t).all():
-        return None
-    sv = np.sqrt(np.maximum(np.linalg.eigvalsh(t.T @ t), 0.0))
-    return int(np.sum(sv > RANK_TOLERANCE * sv.max())) if sv.max() > 0 else 0
 
 
 def dense_target_ranks(model: nn.Module, variables: dict, messages: list, x_shape, train: bool) -> tuple:
@@ -545,33 +267,14 @@ def dense_target_ranks(model: nn.Module, variables: dict, messages: list, x_shap
         rank = None
         if isinstance(g, Factored) and all(isinstance(ms[i], compress_lib.Dense) for ms in leaves):
             rows, k, c = math.prod(g.patches.shape[:-1]), g.patches.shape[-1], g.cotangent.shape[-1]
-            if _gram_shape(rows, k, c):
-                ranks = [_numerical_rank(ms[i].value.reshape(k, c)) for ms in leaves]
+            if gram_shape(rows, k, c):
+                ranks = [numerical_rank(ms[i].value.reshape(k, c)) for ms in leaves]
                 known = [r for r in ranks if r is not None]
                 if len(known) == len(ranks):
                     r = min(max(known) + RANGE_OVERSAMPLING, k, c)
                     rank = r if 2 * r * (k + c) <= k * c else None
         out.append(rank)
     return tuple(out)
-
-
-def low_rank_target(t, rank: int) -> LowRankTarget:
-    """A dense kernel-layout target T [..., C_out] as U V^T = U U^T T, U [K, rank] orthonormal.
-
-    U is an orthonormal basis of the range of T Omega for a fixed Gaussian
-    Omega [C_out, rank] (a randomised range finder, Halko, Martinsson and
-    Tropp 2011), V = T^T U. U U^T T is T when T's rank is at most `rank`, and
-    otherwise drops only the part of T outside span(U): with the oversampled
-    rank of `dense_target_ranks`, a tail below `RANK_TOLERANCE`. It costs two
-    thin products and a thin orthonormalisation (`compress.orthonormal_columns`;
-    LAPACK's batched QR can deadlock batched attacks on CPU), at full fp32
-    precision (no TF32 on GPUs): an SVD in XLA:CPU took longer than the
-    iterations it saved.
-    """
-    m = t.reshape(-1, t.shape[-1])
-    omega = jax.random.normal(jax.random.key(0), (m.shape[1], rank), m.dtype)
-    u = compress_lib.orthonormal_columns(jnp.matmul(m, omega, precision=jax.lax.Precision.HIGHEST))
-    return LowRankTarget(u, jnp.matmul(m.T, u, precision=jax.lax.Precision.HIGHEST))
 
 
 def _grad_list(grads) -> list:
@@ -581,9 +284,9 @@ def _grad_list(grads) -> list:
 
 def thin_operands(grads, msg, objective: str) -> list:
     """`grads` as a list with each tensor of the ``factors`` view made ready for thin products once
-    (`_thin_products_operand`), so that every term of a loss shares those products and their derivatives."""
+    (`thin_products_operand`), so that every term of a loss shares those products and their derivatives."""
     return [
-        _thin_products_operand(g) if _view(m, objective) == "factors" else g
+        thin_products_operand(g) if _view(m, objective) == "factors" else g
         for g, m in zip(_grad_list(grads), message_leaves(msg), strict=True)
     ]
 
@@ -601,10 +304,10 @@ def dummy_features(grads, msg, objective: str) -> list:
     for g, m in zip(_grad_list(grads), message_leaves(msg), strict=True):
         view = _view(m, objective)
         if view == "gather":
-            out.append(_entries(g, m.indices))
+            out.append(entries(g, m.indices))
         elif view == "factors":
-            g = _thin_products_operand(g)
-            out.append(jnp.concatenate([_times(g, m.p_hat).reshape(-1), _t_times(g, m.q_prev).reshape(-1)]))
+            g = thin_products_operand(g)
+            out.append(jnp.concatenate([times(g, m.p_hat).reshape(-1), t_times(g, m.q_prev).reshape(-1)]))
         else:
             out.append(g)
     return out
@@ -683,7 +386,13 @@ class Matching:
 
 
 def matching_loss(
-    model: nn.Module, variables: dict, objective: str, weights, train: bool, target_ranks: tuple | None = None
+    model: nn.Module,
+    variables: dict,
+    objective: str,
+    weights,
+    train: bool,
+    target_ranks: tuple | None = None,
+    loss_fn: train_lib.LossFn = train_lib.cross_entropy,
 ) -> Matching:
     """The attacker's matching loss for dummy images x against a message (`Matching`).
 
@@ -720,6 +429,10 @@ def matching_loss(
     with ``+bn`` takes the gradient from that BatchNorm's traffic instead
     (`wire_bn_param_grads`, exact given the link) and adds the mismatch of
     the sent batch moments, which makes it zero at the true input again.
+
+    The dummy gradient is that of the victim's loss, ``loss_fn`` (per-example
+    losses; their batch mean, as `train.make_step` takes it): the objectives
+    are consistent only when it is the loss the victim trained with.
     """
     name = objective
     objective, with_bn = split_objective(name)
@@ -739,11 +452,11 @@ def matching_loss(
         mismatch = jnp.zeros(())
         if with_bn:
             factored = objective not in SPARSE_OBJECTIVES  # the plain route for those: see SPARSE_OBJECTIVES
-            grads, mismatch = wire_bn_param_grads(model, variables, x, y, msg.bn, factored=factored)
+            grads, mismatch = wire_bn_param_grads(model, variables, x, y, msg.bn, factored=factored, loss_fn=loss_fn)
         elif objective in SPARSE_OBJECTIVES:
-            grads = param_grads(model, variables, x, y, train)  # the plain route: see SPARSE_OBJECTIVES
+            grads = param_grads(model, variables, x, y, train, loss_fn)  # the plain route: see SPARSE_OBJECTIVES
         else:
-            grads = factored_param_grads(model, variables, x, y, train)
+            grads = factored_param_grads(model, variables, x, y, train, loss_fn)
         grads = thin_operands(grads, msg, objective)
         d = dummy_features(grads, msg, objective)
         out = cosine_distance(d, target, weights) + BN_MISMATCH_WEIGHT * mismatch
@@ -789,23 +502,26 @@ def simulated_message_features(grads, msg) -> tuple[list, list]:
     return sim, sent
 
 
-def consistency_loss(model: nn.Module, variables: dict, train: bool):
+def consistency_loss(
+    model: nn.Module, variables: dict, train: bool, loss_fn: train_lib.LossFn = train_lib.cross_entropy
+):
     """``loss(x, msg, y)``: how far the message a candidate x would send is from the message seen.
 
     1 - cosine between `simulated_message_features` of g(x) and of the sent
     message, over all tensors with equal weights. With synchronised
     BatchNorm's traffic (`WithBatchNorm`), g(x) is `wire_bn_param_grads`' and
-    the moments' mismatch is added. It never looks at an original image, so
-    `strongest` can select by it.
+    the moments' mismatch is added. g(x) is the gradient of ``loss_fn``, the
+    victim's loss. It never looks at an original image, so `strongest` can
+    select by it.
     """
 
     def loss(x, msg, y):
         mismatch = jnp.zeros(())
         if isinstance(msg, WithBatchNorm) and msg.bn:
             # The step's own computation, known from the link (wire_bn_param_grads): the closest re-run of it.
-            grads, mismatch = wire_bn_param_grads(model, variables, x, y, msg.bn)
+            grads, mismatch = wire_bn_param_grads(model, variables, x, y, msg.bn, loss_fn=loss_fn)
         else:
-            grads = param_grads(model, variables, x, y, train)
+            grads = param_grads(model, variables, x, y, train, loss_fn)
         sim, sent = simulated_message_features(grads, msg)
         return cosine_distance(sim, sent, [1.0] * len(sim)) + BN_MISMATCH_WEIGHT * mismatch
 

@@ -47,8 +47,9 @@ import numpy as np
 import optax
 
 from trustsgd_jax import compress as compress_lib
+from trustsgd_jax import models as models_lib
 from trustsgd_jax import train as train_lib
-from trustsgd_jax.attacks.objectives import AttackError
+from trustsgd_jax.attacks.errors import AttackError
 
 OBSERVERS = ("worker", "aggregate", "peer")
 BATCHNORM = ("sync", "local")
@@ -59,7 +60,7 @@ class Observation(NamedTuple):
     """What one observer saw of one round (see the module docstring)."""
 
     message: Any  # per-parameter messages (compress message types), one worker's or the aggregate
-    bn: Any  # worker 0's synchronised-BatchNorm traffic (train._bn_traffic; {} where none travels)
+    bn: Any  # worker 0's synchronised-BatchNorm traffic (train.bn_traffic; {} where none travels)
     wire: compress_lib.WireCost  # what worker 0's gradient message cost on the wire, whatever the observer
 
 
@@ -72,19 +73,23 @@ def check_setting(observer: str, bn_statistics: str, batchnorm: str) -> None:
         raise AttackError(f"unknown BatchNorm synchronisation {batchnorm!r}; use one of {BATCHNORM}.")
 
 
-def data_parallel_model(model: nn.Module, batchnorm: str = "sync") -> nn.Module:
-    """`model` as the training step runs it: native convolutions, BatchNorm synchronised or local.
+def data_parallel_model(
+    model: nn.Module, batchnorm: str = "sync", axis_name: str = train_lib.AXIS, train_argument: bool | str | None = None
+) -> nn.Module:
+    """`model` as the training step runs it over `axis_name` (`models.for_data_parallel`).
 
-    Models without BatchNorm (``norm`` group or none) are unchanged by `batchnorm`.
+    The project's models: native convolutions, BatchNorm synchronised or
+    local; models without BatchNorm are unchanged by `batchnorm`. Any other
+    Flax module runs as built (`models.OwnModule`).
     """
     if batchnorm not in BATCHNORM:
         raise AttackError(f"unknown BatchNorm synchronisation {batchnorm!r}; use one of {BATCHNORM}.")
-    changes: dict[str, Any] = {"axis_name": train_lib.AXIS}
-    if getattr(model, "conv_impl", None) is not None:
-        changes["conv_impl"] = "xla"
-    if getattr(model, "norm", None) in ("batch", "batch_local"):
-        changes["norm"] = "batch" if batchnorm == "sync" else "batch_local"
-    return model.clone(**changes)
+    try:
+        return models_lib.for_data_parallel(
+            model, models_lib.BatchNormSetting(sync=batchnorm), axis_name, train_argument
+        )
+    except ValueError as e:
+        raise AttackError(str(e)) from e
 
 
 def check_workers(workers: int) -> None:
@@ -105,6 +110,9 @@ def make_round(
     observer: str = "worker",
     bn_statistics: str = "train",
     batchnorm: str = "sync",
+    loss_fn: train_lib.LossFn = train_lib.cross_entropy,
+    axis_name: str = train_lib.AXIS,
+    train_argument: bool | str | None = None,
 ):
     """``round(variables, images [N, B, ...], labels [N, B], comp_state=None) -> Observation``.
 
@@ -112,16 +120,28 @@ def make_round(
     devices; worker w trains on ``images[w]``, the victim is worker 0.
     ``comp_state`` is the workers' compressor state stacked over N (step t of
     a real run: error memory and warm-start Q), or None for the first step.
-    Compiled once per call of `make_round`.
+    Compiled once per call of `make_round`. ``loss_fn``: the workers'
+    per-example training loss (`train.make_step`). ``axis_name``: the
+    workers' axis, the one a user's module's ``nn.BatchNorm(axis_name=...)``
+    synchronises over; ``train_argument`` declares such a module's train
+    flag (`models.train_keyword`).
     """
     check_setting(observer, bn_statistics, batchnorm)
     check_workers(workers)
     if observer == "peer" and workers < 2:
         raise AttackError("the peer observer is worker N-1, another worker than the victim: use workers >= 2.")
-    dp_model = data_parallel_model(model, batchnorm)
+    dp_model = data_parallel_model(model, batchnorm, axis_name, train_argument)
     # The optimiser plays no part in the message: the round's update is never applied.
-    step = train_lib.make_step(dp_model, optax.identity(), compressor, return_message=True, bn_statistics=bn_statistics)
-    run = jax.pmap(step, axis_name=train_lib.AXIS, devices=jax.local_devices()[:workers])
+    step = train_lib.make_step(
+        dp_model,
+        optax.identity(),
+        compressor,
+        axis_name=axis_name,
+        return_message=True,
+        bn_statistics=bn_statistics,
+        loss_fn=loss_fn,
+    )
+    run = jax.pmap(step, axis_name=axis_name, devices=jax.local_devices()[:workers])
 
     def round_(variables: dict, images, labels, comp_state=None) -> Observation:
         images, labels = np.asarray(images, np.float32), np.asarray(labels, np.int32)
