@@ -95,6 +95,34 @@ def table_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def compact_markdown(rows: list[dict], victim: str = "init", bn: str = "local-eval") -> str:
+    """One setting's cells with both attackers side by side, per dataset (the README's view); n < 4 marked."""
+    out = []
+    for d in DATASETS:
+        sub = {
+            (r["configuration"], r["attacker"]): r
+            for r in rows
+            if (r["dataset"], r["victim"], r["bn_mode"]) == (d, victim, bn)
+        }
+        if not sub:
+            continue
+        out += [
+            f"**{d}** ({victim}, BatchNorm {bn}): SSIM mean [95% CI] (n images)",
+            "",
+            "| configuration | paper's attacker (observed) | strongest | paper |",
+            "|---|---|---|---|",
+        ]
+        for spec in CONFIGS:
+            cells_ = [sub.get((spec, a)) for a in ATTACKERS]
+            if not any(cells_):
+                continue
+            text = ["-" if c is None else f"{_f(c['mean'])} [{_f(c['lo'])}, {_f(c['hi'])}] ({c['n']})" for c in cells_]
+            paper = paper_values.TABLE1.get(d, {}).get(spec, (math.nan,))[0]
+            out.append(f"| {spec} | {text[0]} | {text[1]} | {_f(paper, '.3f')} |")
+        out.append("")
+    return "\n".join(out)
+
+
 def claims_markdown(rows: list[dict], mixed: list[tuple]) -> str:
     out = [
         "# Table 1: the paper's claims as paired verdicts",
@@ -174,6 +202,7 @@ def write_study_report(study: pathlib.Path) -> list[pathlib.Path]:
             "# Table 1 (SSIM, mean over the same images per dataset)\n\n" + table_markdown(rows),
         ),
         ("claims.md", claims_markdown(claim, mixed_revisions(cell_map))),
+        ("table1_compact.md", compact_markdown(rows)),
         ("claims.csv", claims.csv_text(claim)),
     ):
         results.write_atomic(study / name, text)

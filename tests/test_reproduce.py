@@ -74,8 +74,11 @@ def lines(path):
 
 
 def untimed(path):
-    """The records of a results file in order, without the wall-clock seconds MIA units keep."""
-    return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines(path)]
+    """The records of a results file in order, without what describes the run rather than the unit: wall-clock
+    seconds and the code revision (a working tree edited between two runs is '+dirty' in one of them)."""
+    return [
+        {k: v for k, v in json.loads(line).items() if k not in ("seconds", "code_revision")} for line in lines(path)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -459,7 +462,7 @@ def test_reports_render_from_a_partial_run(full_run, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     report.write_reports(empty)
-    assert "No configurations finished yet" in (empty / "report.md").read_text()
+    assert "No paired gradient-inversion cells yet" in (empty / "report.md").read_text()
 
 
 def test_corrupt_middle_line_raises(tmp_path):

@@ -127,8 +127,9 @@ def gradinv_flags(records: list[dict]) -> list[str]:
     argv += [f"--attack_step={s['attack_step']}", f"--matmul_dtype={s['matmul_dtype']}"]
     if s["train_batch"] is not None:
         argv.append(f"--batch_size={s['train_batch']}")
-    if s["strongest_exclude"]:
-        argv.append("--strongest_exclude=" + ",".join(s["strongest_exclude"]))
+    # Every option a preset may set is given, so the default preset's values never leak into an older workdir's plan.
+    argv.append("--strongest_exclude=" + ",".join(s["strongest_exclude"] or []))
+    argv.append("--checkpoints=" + ",".join(map(str, s["checkpoints"] or [])))
     if s["attack_seed"] is not None:
         argv.append(f"--attack_seed={s['attack_seed']}")
     return argv

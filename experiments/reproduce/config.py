@@ -21,6 +21,16 @@ from trustsgd_jax import compress, data, models
 from trustsgd_jax.attacks import invert, objectives, shadows, victim
 
 
+def _checkpoints(values, iterations) -> tuple[int, ...]:
+    try:
+        out = tuple(sorted({int(v) for v in values or ()}))
+    except ValueError as e:
+        raise ConfigError(f"--checkpoints={','.join(map(str, values))}: integers expected.") from e
+    if iterations is not None and any(not 1 <= k < iterations for k in out):
+        raise ConfigError(f"--checkpoints must each lie in [1, --iterations={iterations}); got {list(out)}.")
+    return out
+
+
 class ConfigError(ValueError):
     pass
 
@@ -41,6 +51,12 @@ flags.DEFINE_list(
     [],
     "objectives the strongest attacker does not run (a cut for time, e.g. factors_residual,cosine_support); "
     "recorded in each unit",
+)
+flags.DEFINE_list(
+    "checkpoints",
+    [],
+    "attack iterations (each below --iterations) at which each unit also records its reconstruction's SSIM: one "
+    "long run gives the whole budget curve (recorded in each unit)",
 )
 flags.DEFINE_integer(
     "attack_seed",
@@ -201,6 +217,7 @@ class Config:
     tv: float
     strongest_exclude: tuple[str, ...]
     attack_seed: int | None
+    checkpoints: tuple[int, ...]
     start_iter: int
     matmul_dtype: str
     attack_step: int
@@ -299,6 +316,7 @@ def from_flags(fv: flags.FlagValues = FLAGS) -> Config:
         tv=value("tv"),
         strongest_exclude=tuple(value("strongest_exclude")),
         attack_seed=value("attack_seed"),
+        checkpoints=_checkpoints(value("checkpoints"), value("iterations")),
         start_iter=value("start_iter"),
         matmul_dtype=value("matmul_dtype"),
         attack_step=value("attack_step"),

@@ -46,6 +46,7 @@ SETTING_FIELDS = {
         "matmul_dtype",
         "strongest_exclude",
         "attack_seed",
+        "checkpoints",
     ),
     "mia": (
         "model",
@@ -156,6 +157,8 @@ def gradinv_setting(
         setting["strongest_exclude"] = sorted(cfg.strongest_exclude)
     if cfg.attack_seed is not None:
         setting["attack_seed"] = cfg.attack_seed
+    if cfg.checkpoints:
+        setting["checkpoints"] = list(cfg.checkpoints)
     return setting
 
 

@@ -87,6 +87,10 @@ def run_gradinv_unit(u: dict, ds: data.Dataset, workdir: pathlib.Path, progress:
         candidate_ssim={k: v.tolist() for k, v in r.candidate_ssim.items()},
         candidate_psnr={k: v.tolist() for k, v in r.candidate_psnr.items()},
         upper_bound_ssim=r.upper_bound_ssim.tolist(),
+        checkpoint_ssim={str(k): v["ssim"].tolist() for k, v in r.checkpoints.items()},
+        checkpoint_candidate_ssim={
+            str(k): {name: s.tolist() for name, s in v["candidate_ssim"].items()} for k, v in r.checkpoints.items()
+        },
         wire_words=r.wire.words,
         uncompressed_words=sum(int(np.prod(np.shape(p))) for p in jax.tree.leaves(variables["params"])),
         recon=str(recon),
@@ -105,6 +109,7 @@ def attack_config(u: dict, n: int) -> invert.AttackConfig:
         parallel=n * u["restarts"] * 2 * len(objectives.OBJECTIVES),  # each objective with and without +bn
         seed=u.get("attack_seed", u["seed"]),
         exclude=tuple(u.get("strongest_exclude", ())),
+        checkpoints=tuple(u.get("checkpoints", ())),
     )
 
 

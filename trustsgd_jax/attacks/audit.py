@@ -89,6 +89,9 @@ class AuditResult:
     candidate_psnr: dict[str, np.ndarray]  # objective -> per-image PSNR of its own reconstruction
     candidate_reconstructions: dict[str, np.ndarray]  # objective -> [N*B, H, W, C] in [0, 1], matched
     upper_bound_ssim: np.ndarray  # per image, the best SSIM of any candidate: an auditor's bound (uses originals)
+    # iteration -> {"ssim": per image, "candidate_ssim": {objective: per image}, "chosen": [N]} at each
+    # `AttackConfig.checkpoints` entry, scored and selected as at the end.
+    checkpoints: dict = dataclasses.field(default_factory=dict)
 
 
 def _one_line(e: Exception, limit: int = 200) -> str:
@@ -131,6 +134,16 @@ def _check_config(threat: str, label_mode: str, config: AttackConfig, loss_fn) -
         raise AttackError(f"the attack needs iterations >= 1, got {config.iterations}.")
     if config.restarts < 1 or config.chunk < 1 or config.parallel < 1:
         raise AttackError("restarts, chunk and parallel must be >= 1.")
+    if any(not 1 <= k < config.iterations for k in config.checkpoints):
+        raise AttackError(
+            f"checkpoints {tuple(config.checkpoints)} must each lie in [1, iterations={config.iterations}); the end "
+            "of the run is always scored."
+        )
+    if config.schedule_iterations is not None and config.schedule_iterations < config.iterations:
+        raise AttackError(
+            f"schedule_iterations={config.schedule_iterations} is below iterations={config.iterations}: the "
+            "schedule must cover the run (None lays it over the run itself)."
+        )
     if config.matmul_dtype not in MATMUL_DTYPES:
         raise AttackError(f"unknown matmul_dtype {config.matmul_dtype!r}; use one of {MATMUL_DTYPES}.")
     attack_devices(config)  # a one-line error for an impossible device count
@@ -417,7 +430,18 @@ def _result(c: _Checked, inv, xb, yb, wire, threat: str, iterations: int, step: 
         candidate_psnr={name: s.per_image["psnr"] for name, s in candidates.items()},
         candidate_reconstructions={name: s.reconstructions for name, s in candidates.items()},
         upper_bound_ssim=np.max(np.stack([chosen.per_image["ssim"], *candidate_ssim.values()]), axis=0),
+        checkpoints={k: _checkpoint_scores(at, originals, c.stats) for k, at in (inv.at or {}).items()},
     )
+
+
+def _checkpoint_scores(inv, originals: np.ndarray, stats: data_lib.DatasetStats) -> dict:
+    return {
+        "ssim": _scored(inv.images, originals, stats).per_image["ssim"],
+        "candidate_ssim": {
+            name: _scored(rec, originals, stats).per_image["ssim"] for name, rec in inv.candidates.items()
+        },
+        "chosen": list(inv.chosen),
+    }
 
 
 def audit(

@@ -76,6 +76,12 @@ class AttackConfig(NamedTuple):
     matmul_dtype: str = "float32"  # or "bfloat16": the convolutions' matmuls on bf16 inputs (see attack_model)
     devices: int | None = None  # local devices the attacks spread over; None: all on GPU/TPU, 1 on CPU (faster)
     exclude: tuple[str, ...] = ()  # objectives `strongest` does not run (a cut for time; the record names it)
+    # Iterations (each in [1, iterations)) after which the run's images are also kept and scored, so one long run
+    # gives the whole budget curve (`Inversion.at`).
+    checkpoints: tuple[int, ...] = ()
+    # The budget the learning-rate schedule (x0.1 at 3/8, 5/8, 7/8) is laid over; None: `iterations`. A run of k
+    # iterations with schedule_iterations=T is the first k iterations of the T-iteration run.
+    schedule_iterations: int | None = None
 
 
 def attack_devices(config: AttackConfig) -> list:
@@ -114,7 +120,7 @@ def attack_model(model: nn.Module, matmul_dtype: str = "float32", alone_axis: st
 
 
 def _optimizer(config: AttackConfig) -> optax.GradientTransformation:
-    t = config.iterations
+    t = config.schedule_iterations or config.iterations
     schedule = optax.piecewise_constant_schedule(
         config.learning_rate, {int(t * 3 / 8): 0.1, int(t * 5 / 8): 0.1, int(t * 7 / 8): 0.1}
     )
@@ -367,6 +373,7 @@ class Inversion(NamedTuple):
     loss: np.ndarray
     chosen: list[str]
     candidates: dict[str, np.ndarray]
+    at: dict | None = None  # iteration -> the Inversion at that `AttackConfig.checkpoints` entry
 
 
 class AttackPlan(NamedTuple):
@@ -398,7 +405,7 @@ def _run_group(
     model, variables, messages, labels, image_shape, dataset, names, train, config, seeds, width, bar, loss_fn
 ):
     """Every (batch, restart) attack of the objectives `names`, side by side in one program:
-    {name: (x [N, R, B, ...], final matching loss [N, R])}.
+    {(iteration, name): (x [N, R, B, ...], matching loss [N, R])} at every checkpoint and at the end.
 
     Every objective starts attack (i, r) from the same noise, and each lane
     computes what its own program would.
@@ -426,8 +433,9 @@ def _run_group(
 
     # Attack j = (batch j // R, restart j % R).
     jobs = [(i, r) for i in range(n) for r in range(config.restarts)]
-    results_x = np.zeros((len(names), len(jobs), b, *image_shape), np.float32)
-    results_loss = np.zeros((len(names), len(jobs)), np.float32)
+    stops = sorted(set(config.checkpoints)) + [config.iterations]
+    results_x = np.zeros((len(stops), len(names), len(jobs), b, *image_shape), np.float32)
+    results_loss = np.zeros((len(stops), len(names), len(jobs)), np.float32)
     for start in range(0, len(jobs), width):
         group = jobs[start : start + width]
         # Pad the last group to the compiled width (padding attacks repeat the first and are dropped).
@@ -439,19 +447,24 @@ def _run_group(
         x = x0 if len(names) == 1 else tuple(x0 for _ in names)
         opt_state = attack.init(x)
         done = 0
-        while done < config.iterations:
-            length = min(config.chunk, config.iterations - done)
-            x, opt_state, _ = attack.run_chunk(x, opt_state, msg, y, length)
-            jax.block_until_ready(x)
-            done += length
-            bar.update(length)
-        losses = per_name(attack.final_loss(x, msg, y))
-        for k, (xk, lk) in enumerate(zip(per_name(x), losses, strict=True)):
-            results_x[k, start : start + len(group)] = np.asarray(xk)[: len(group)]
-            results_loss[k, start : start + len(group)] = np.asarray(lk)[: len(group)]
+        for c, stop in enumerate(stops):
+            while done < stop:  # chunks end at every checkpoint: the same iterations, kept on the way
+                length = min(config.chunk, stop - done)
+                x, opt_state, _ = attack.run_chunk(x, opt_state, msg, y, length)
+                jax.block_until_ready(x)
+                done += length
+                bar.update(length)
+            losses = per_name(attack.final_loss(x, msg, y))
+            for k, (xk, lk) in enumerate(zip(per_name(x), losses, strict=True)):
+                results_x[c, k, start : start + len(group)] = np.asarray(xk)[: len(group)]
+                results_loss[c, k, start : start + len(group)] = np.asarray(lk)[: len(group)]
     results_loss = np.where(np.isfinite(results_loss), results_loss, np.inf)
     return {
-        name: (results_x[k].reshape(n, config.restarts, b, *image_shape), results_loss[k].reshape(n, config.restarts))
+        (stop, name): (
+            results_x[c, k].reshape(n, config.restarts, b, *image_shape),
+            results_loss[c, k].reshape(n, config.restarts),
+        )
+        for c, stop in enumerate(stops)
         for k, name in enumerate(names)
     }
 
@@ -546,12 +559,23 @@ def invert_gradients(
             )
         )
     bar.close()
+    final = _select(runs, config.iterations, names, threat, model, variables, messages, labels, train, config, loss_fn)
+    at = {
+        k: _select(runs, k, names, threat, model, variables, messages, labels, train, config, loss_fn)
+        for k in sorted(set(config.checkpoints))
+    }
+    return final._replace(at=at)
+
+
+def _select(runs, stop, names, threat, model, variables, messages, labels, train, config, loss_fn) -> Inversion:
+    """The `Inversion` at iteration `stop`: each objective's best restart; for ``strongest``, the candidate with the
+    lowest consistency loss (messages and candidates only, never an original)."""
+    n = len(labels)
     rows = np.arange(n)
-    candidates = {name: x[rows, loss.argmin(1)] for name, (x, loss) in runs.items()}
+    candidates = {name: runs[stop, name][0][rows, runs[stop, name][1].argmin(1)] for name in names}
     if threat != "strongest":
-        x, loss = runs[names[0]]
-        return Inversion(candidates[names[0]], loss.min(1), [names[0]] * n, candidates)
-    every = np.concatenate([x for x, _ in runs.values()], axis=1)  # [N, objectives * restarts, B, ...]
+        return Inversion(candidates[names[0]], runs[stop, names[0]][1].min(1), [names[0]] * n, candidates)
+    every = np.concatenate([runs[stop, name][0] for name in names], axis=1)  # [N, objectives * restarts, B, ...]
     consistency = consistency_losses(model, variables, messages, labels, every, train=train, loss_fn=loss_fn)
     consistency = np.where(np.isfinite(consistency), consistency, np.inf)
     best = consistency.argmin(1)
