@@ -157,14 +157,24 @@ def figure1(cell_map: dict[tuple, dict], study: pathlib.Path, attacker: str, pat
     rows = []
     for d in DATASETS:
         found = {}
+        present = [cell_map[k] for k in ((d, "init", "local-eval", attacker, s) for s in CONFIGS) if k in cell_map]
+        if not present:
+            continue
+        # One image in every column: the image attacked in the most cells (the lowest id among equals).
+        counts: dict[int, int] = {}
+        for c in present:
+            for i in c["ssim"]:
+                counts[i] = counts.get(i, 0) + 1
+        image = min(counts, key=lambda i: (-counts[i], i))
         for spec in CONFIGS:
             c = cell_map.get((d, "init", "local-eval", attacker, spec))
-            if not c:
+            r = next((r for r in c["records"] if image in r["image_ids"]), None) if c else None
+            if r is None:
                 continue
-            r = min(c["records"], key=lambda r: r["image_ids"][0])
             with np.load(study / r["recon"]) as z:
                 rec = z["reconstructions"] if attacker == "strongest" else z["candidate_observed"]
-                found[spec] = (z["originals"][0], rec[0], r["ssim"][0] if attacker == "strongest" else None)
+                j = r["image_ids"].index(image)
+                found[spec] = (z["originals"][j], rec[j], None)
         if found:
             rows.append((d, found))
     if not rows:
@@ -182,7 +192,8 @@ def figure1(cell_map: dict[tuple, dict], study: pathlib.Path, attacker: str, pat
             axes[i, j].set_title(spec.replace("topk_level", "top-k").replace("powersgd", "psgd"), fontsize=7)
     for ax in axes.flat:
         ax.axis("off")
-    fig.suptitle(f"ResNet-18 at initialisation, eval mode, N = 4, attacker: {attacker}", fontsize=9)
+    fig.suptitle(f"ResNet-18 at initialisation, eval mode, N = 4, attacker: {attacker}", fontsize=9, y=0.99)
+    fig.subplots_adjust(top=1 - 0.55 / fig.get_figheight())  # room for the title above the column titles
     results.save_figure(fig, path)
     plt.close(fig)
     return True
