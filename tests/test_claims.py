@@ -87,3 +87,35 @@ def test_claims_csv_columns():
     recs = [record("none", [0.9, 0.8, 0.85, 0.95]), record("powersgd:1", [0.1, 0.2, 0.12, 0.15])]
     text = claims.csv_text(claims.claim_rows(claims.cells(recs)))
     assert text.splitlines()[0] == ",".join(claims.COLUMNS)
+
+
+def test_table1_preset_plans_the_full_grid_without_running(tmp_path):
+    """--preset=table1 --dry_run: 11 configurations x 3 datasets x 4 images, one unit each, nothing run or written."""
+    import os
+    import subprocess
+    import sys
+
+    workdir = tmp_path / "table1"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.reproduce",
+            "--preset=table1",
+            "--dry_run",
+            "--data_source=sample",
+            f"--workdir={workdir}",
+            "--compilation_cache_dir=",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "132 units to run" in done.stdout
+    keys = [line.split()[0] for line in done.stdout.splitlines() if line.startswith("  ") and "gradinv" in line]
+    assert len(keys) == len(set(keys)) == 132
+    assert "expected duration" in done.stdout
+    assert not (workdir / "results.jsonl").exists()
