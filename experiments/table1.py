@@ -167,8 +167,8 @@ def figure1(cell_map: dict[tuple, dict], study: pathlib.Path, attacker: str, pat
                 counts[i] = counts.get(i, 0) + 1
         image = min(counts, key=lambda i: (-counts[i], i))
         for spec in CONFIGS:
-            c = cell_map.get((d, "init", "local-eval", attacker, spec))
-            r = next((r for r in c["records"] if image in r["image_ids"]), None) if c else None
+            cell = cell_map.get((d, "init", "local-eval", attacker, spec))
+            r = next((r for r in cell["records"] if image in r["image_ids"]), None) if cell else None
             if r is None:
                 continue
             with np.load(study / r["recon"]) as z:
