@@ -36,6 +36,7 @@ import numpy as np
 from scipy import stats
 
 from experiments import paper_values
+from experiments.reproduce.presets import PAPER_COMPRESSORS
 
 VERDICTS = ("holds", "contradicted", "undecided")
 COLUMNS = ("claim", "dataset", "victim", "bn_mode", "attacker", "a", "b", "n", "mean_diff", "lo", "hi", "verdict")
@@ -164,19 +165,7 @@ def tally(rows: Sequence[dict]) -> dict[tuple[str, str], dict[str, int]]:
 
 ATTACKERS = ("observed", "strongest")
 DATASETS = ("mnist", "cifar10", "cifar100")
-CONFIGS = (
-    "none",
-    "powersgd:1",
-    "powersgd:2",
-    "powersgd:4",
-    "powersgd:30",
-    "powersgd:50",
-    "topk_level:1",
-    "topk_level:2",
-    "topk_level:4",
-    "topk_level:30",
-    "topk_level:50",
-)
+CONFIGS = tuple(PAPER_COMPRESSORS)  # the order of the tables and the figure
 RANKS = (1, 2, 4, 30, 50)
 # "Near zero": a reconstruction whose SSIM with the original stays below this shows no recognisable structure (the
 # train-mode controls, where nothing is recovered, score -0.01..0.05). The claim holds where the interval of the
